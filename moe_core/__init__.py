@@ -1,0 +1,1 @@
+"""Shared, pure code: model configs, checkpoint loading, model math, tokenizer, demo model."""

@@ -1,0 +1,110 @@
+"""One model step over a flat batch of token rows: decode rows first, then prefill chunks.
+
+The routed experts are a callable handed in (`ExpertFn`), so the same step runs with experts in
+this process or on expert services; the rest is the dense math of `model.py` and the paged
+attention of `attention.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_core.attention import decode_attention, prefill_attention, write_kv
+from moe_core.model import (
+    DenseModel,
+    lm_logits,
+    output_projection,
+    project_qkv,
+    rms_norm,
+    route,
+    shared_expert,
+    swiglu,
+)
+from moe_core.weights import DenseLayer
+
+# (layer, rows [T, H], weights [T, k] float32, expert ids [T, k]) -> weighted expert sum [T, H]
+ExpertFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+KvLayer = tuple[torch.Tensor, torch.Tensor]  # flat [slots, kv_heads, D] key and value pools
+
+
+@dataclass
+class PrefillChunk:
+    """`length` prompt tokens of one sequence at positions start.., rows row.. of the batch."""
+
+    row: int
+    length: int
+    start: int
+    context_slots: torch.Tensor | None = None  # cache slots of positions [0, start + length) when start > 0
+
+
+@dataclass
+class StepBatch:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] where each row's key and value are stored
+    num_decode: int = 0  # rows [0, num_decode) are single decode tokens, one per sequence
+    block_tables: torch.Tensor | None = None  # [num_decode, blocks]
+    context_lens: torch.Tensor | None = None  # [num_decode], including the new token
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
+
+
+def forward_step(model: DenseModel, kv: list[KvLayer], block_size: int, batch: StepBatch,
+                 experts: ExpertFn) -> torch.Tensor:
+    """Run every layer over the batch, fill the KV cache, return float32 logits [len(logit_rows), V]."""
+    eps = model.cfg.rms_norm_eps
+    h = model.weights.embed[batch.token_ids]  # [T, H]
+    cos, sin = model.rotary.cos_sin(batch.positions, model.dtype)
+    for index, layer in enumerate(model.weights.layers):
+        x = rms_norm(h, layer.input_norm, eps)
+        h = h + attention_block(model, index, layer, x, cos, sin, kv[index], block_size, batch)
+        x = rms_norm(h, layer.post_norm, eps)
+        h = h + mlp_block(model, index, layer, x, experts)
+    return lm_logits(model, h if batch.logit_rows is None else h[batch.logit_rows])
+
+
+def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, cache: KvLayer, block_size: int, batch: StepBatch) -> torch.Tensor:
+    cfg = model.cfg
+    q, k, v = project_qkv(cfg, layer.attn, x, cos, sin)
+    cache_k, cache_v = cache
+    write_kv(cache_k, cache_v, batch.slots, k, v)
+    window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
+    out = torch.empty_like(q)
+    d = batch.num_decode
+    if d:
+        out[:d] = decode_attention(q[:d], cache_k, cache_v, batch.block_tables, batch.context_lens,
+                                   block_size, scale, window)
+    for chunk in batch.prefills:
+        rows = slice(chunk.row, chunk.row + chunk.length)
+        if chunk.start == 0:
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = cache_k[chunk.context_slots], cache_v[chunk.context_slots]
+        out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window)
+    return output_projection(layer.attn, out)
+
+
+def mlp_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
+    if layer.mlp is not None:
+        return swiglu(x, layer.mlp)
+    weights, ids = route(model.cfg, layer.router, x)
+    out = experts(index, x, weights, ids)
+    if layer.shared is not None:
+        out = out + shared_expert(layer, x)
+    return out
+
+
+def sequence_logits(model: DenseModel, experts: ExpertFn, token_ids: list[int]) -> torch.Tensor:
+    """Logits [len(token_ids), V] of one whole sequence, with a throwaway cache (scoring, tests)."""
+    cfg, n = model.cfg, len(token_ids)
+    shape = (n, cfg.num_key_value_heads, cfg.head_dim)
+    kv = [(torch.empty(shape, dtype=model.dtype, device=model.device),
+           torch.empty(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
+    rows = torch.arange(n, device=model.device)
+    batch = StepBatch(token_ids=torch.tensor(token_ids, device=model.device), positions=rows, slots=rows,
+                      prefills=[PrefillChunk(row=0, length=n, start=0)], logit_rows=rows)
+    return forward_step(model, kv, 1, batch, experts)

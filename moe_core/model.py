@@ -1,0 +1,92 @@
+"""The dense part of an MoE transformer as pure tensor functions.
+
+Embeddings, RMSNorm, the attention projections with their per-family norms and RoPE, the router
+gate (softmax → top-k → optional renormalisation, exactly as each reference does it), dense and
+shared-expert MLPs, and the LM head. The routed experts are computed elsewhere (`experts.py`),
+locally or on expert services; this file never sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_core.config import MoeConfig
+from moe_core.rope import Rotary, apply_rotary
+from moe_core.weights import Attention, DenseLayer, DenseWeights, Mlp
+
+
+@dataclass
+class DenseModel:
+    """A config, its dense weights and the rotary tables: everything the router computes with."""
+
+    cfg: MoeConfig
+    weights: DenseWeights
+    rotary: Rotary
+
+    @classmethod
+    def build(cls, cfg: MoeConfig, weights: DenseWeights) -> DenseModel:
+        return cls(cfg, weights, Rotary(cfg.rope, cfg.head_dim, weights.embed.device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32, cast back, then scale: the order Hugging Face models use."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, mlp: Mlp) -> torch.Tensor:
+    gate, up = F.linear(x, mlp.gate_up).chunk(2, dim=-1)  # [T, I] each
+    return F.linear(F.silu(gate) * up, mlp.down)
+
+
+def project_qkv(cfg: MoeConfig, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] -> q [T, heads, D], k and v [T, kv_heads, D], normed, clipped and rotated per family."""
+    t, d, eps = x.shape[0], cfg.head_dim, cfg.rms_norm_eps
+    q, k, v = F.linear(x, attn.qkv, attn.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    if cfg.qk_norm == "full":  # OLMoE: one norm over the whole projection
+        q, k = rms_norm(q, attn.q_norm, eps), rms_norm(k, attn.k_norm, eps)
+    if cfg.clip_qkv is not None:
+        c = cfg.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    q, k, v = q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d)
+    if cfg.qk_norm == "head":  # Qwen3-MoE: a norm per head
+        q, k = rms_norm(q, attn.q_norm, eps), rms_norm(k, attn.k_norm, eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def output_projection(attn: Attention, o: torch.Tensor) -> torch.Tensor:
+    """o [T, heads, D] -> [T, H]."""
+    return F.linear(o.reshape(o.shape[0], -1), attn.o, attn.o_bias)
+
+
+def route(cfg: MoeConfig, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate -> (weights [T, k] float32, expert ids [T, k] int64): softmax, top-k, renormalise if asked."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, experts]
+    weights, ids = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def shared_expert(layer: DenseLayer, x: torch.Tensor) -> torch.Tensor:
+    """Qwen2-MoE's always-on expert, scaled by its own sigmoid gate."""
+    return torch.sigmoid(F.linear(x, layer.shared_gate)) * swiglu(x, layer.shared)
+
+
+def lm_logits(model: DenseModel, h: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head for the rows that need a next token; logits in float32."""
+    w = model.weights
+    return F.linear(rms_norm(h, w.final_norm, model.cfg.rms_norm_eps), w.lm_head).float()

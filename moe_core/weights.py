@@ -1,0 +1,204 @@
+"""Model weights as plain tensors, loaded from a checkpoint through the family's name map.
+
+The dense part (what the router runs) and the experts (what expert services run) load apart:
+`load_dense` never touches an expert tensor, and `load_experts` reads only the (layer, expert)
+pairs it is given. Projections that run together are fused at load time (q|k|v, gate|up) so a
+step issues one matmul where the checkpoint has two or three.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from moe_core.checkpoint import Checkpoint
+from moe_core.config import MoeConfig
+from moe_core.errors import CheckpointError
+
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+@dataclass
+class Mlp:
+    gate_up: torch.Tensor  # [2 * I, H]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class Attention:
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, H]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [H, heads * head_dim]
+    o_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [head_dim] ("head") or [heads * head_dim] ("full")
+    k_norm: torch.Tensor | None
+
+
+@dataclass
+class DenseLayer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attn: Attention
+    router: torch.Tensor | None = None  # [experts, H] on MoE layers
+    shared: Mlp | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H]
+    mlp: Mlp | None = None  # dense layers only
+
+
+@dataclass
+class DenseWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[DenseLayer]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # [V, H]
+
+
+@dataclass
+class LayerExperts:
+    """The experts of one layer that one process holds, stacked for grouped compute."""
+
+    layer: int
+    expert_ids: list[int]
+    gate_up: torch.Tensor  # [local experts, 2 * I, H]
+    down: torch.Tensor  # [local experts, H, I]
+    local_of: torch.Tensor  # [num_experts] int64: local index, or -1 where not held here
+
+
+class _Reader:
+    """Reads named tensors with a byte-progress bar when the load is large."""
+
+    def __init__(self, ckpt: Checkpoint, keys: list[str], dtype: torch.dtype, device: str, desc: str):
+        self.ckpt, self.dtype, self.device = ckpt, dtype, device
+        total = sum(ckpt.nbytes(k.split("[")[0]) for k in keys if k.split("[")[0] in ckpt)
+        show = total >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False)
+
+    def __call__(self, key: str, shape: tuple[int, ...], index: int | None = None) -> torch.Tensor:
+        tensor = self.ckpt.read(key, self.dtype, self.device, index=index)
+        self.bar.update(tensor.numel() * tensor.element_size())
+        return self.ckpt.expect_shape(key, tensor, shape)
+
+    def optional(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self(key, shape) if key in self.ckpt else None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _dense_keys(cfg: MoeConfig) -> list[str]:
+    n = cfg.names
+    keys = [n.embed, n.final_norm, n.lm_head]
+    for layer in range(cfg.num_hidden_layers):
+        keys += [n.layer(layer, "input_layernorm.weight"), n.layer(layer, "post_attention_layernorm.weight")]
+        keys += [n.attn(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return keys
+
+
+def load_dense(ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, device: str = "cpu") -> DenseWeights:
+    """Everything but the routed experts: embeddings, attention, norms, router gates, shared experts, LM head."""
+    n, h = cfg.names, cfg.hidden_size
+    read = _Reader(ckpt, _dense_keys(cfg), dtype, device, "dense weights")
+    embed = read(n.embed, (cfg.vocab_size, h))
+    if cfg.tie_word_embeddings or n.lm_head not in ckpt:
+        if not cfg.tie_word_embeddings:
+            raise CheckpointError(f"{ckpt.dir}: tensor '{n.lm_head}' not found and tie_word_embeddings is false")
+        lm_head = embed
+    else:
+        lm_head = read(n.lm_head, (cfg.vocab_size, h))
+    layers = [_load_layer(read, cfg, layer) for layer in range(cfg.num_hidden_layers)]
+    final_norm = read(n.final_norm, (h,))
+    read.close()
+    return DenseWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def _load_layer(read: _Reader, cfg: MoeConfig, layer: int) -> DenseLayer:
+    n, h = cfg.names, cfg.hidden_size
+    dense = DenseLayer(
+        input_norm=read(n.layer(layer, "input_layernorm.weight"), (h,)),
+        post_norm=read(n.layer(layer, "post_attention_layernorm.weight"), (h,)),
+        attn=_load_attention(read, cfg, layer),
+    )
+    if cfg.is_moe_layer(layer):
+        dense.router = read(n.router_gate(layer), (cfg.num_experts, h))
+        if cfg.shared_expert_intermediate_size:
+            size = cfg.shared_expert_intermediate_size
+            dense.shared = _load_mlp(read, lambda p: n.shared_expert(layer, p), size, h)
+            dense.shared_gate = read(n.shared_expert_gate(layer), (1, h))
+    else:
+        dense.mlp = _load_mlp(read, lambda p: n.mlp(layer, p), cfg.intermediate_size, h)
+    return dense
+
+
+def _load_attention(read: _Reader, cfg: MoeConfig, layer: int) -> Attention:
+    n, h = cfg.names, cfg.hidden_size
+    q = read(n.attn(layer, "q_proj"), (cfg.q_size, h))
+    k = read(n.attn(layer, "k_proj"), (cfg.kv_size, h))
+    v = read(n.attn(layer, "v_proj"), (cfg.kv_size, h))
+    bias = None
+    if cfg.qkv_bias:
+        sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size}
+        bias = torch.cat([read(n.attn(layer, p, "bias"), (s,)) for p, s in sizes.items()])
+    norm_sizes = {"none": None, "head": (cfg.head_dim, cfg.head_dim), "full": (cfg.q_size, cfg.kv_size)}[cfg.qk_norm]
+    q_norm = k_norm = None
+    if norm_sizes:
+        q_norm = read(n.attn(layer, "q_norm"), (norm_sizes[0],))
+        k_norm = read(n.attn(layer, "k_norm"), (norm_sizes[1],))
+    return Attention(
+        qkv=torch.cat([q, k, v]),
+        qkv_bias=bias,
+        o=read(n.attn(layer, "o_proj"), (h, cfg.q_size)),
+        o_bias=read(n.attn(layer, "o_proj", "bias"), (h,)) if cfg.o_bias else None,
+        q_norm=q_norm,
+        k_norm=k_norm,
+    )
+
+
+def _load_mlp(read: _Reader, name, size: int, h: int) -> Mlp:
+    gate = read(name("gate_proj"), (size, h))
+    up = read(name("up_proj"), (size, h))
+    return Mlp(gate_up=torch.cat([gate, up]), down=read(name("down_proj"), (h, size)))
+
+
+def all_expert_pairs(cfg: MoeConfig) -> list[tuple[int, int]]:
+    return [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+
+
+def load_experts(ckpt: Checkpoint, cfg: MoeConfig, pairs: Iterable[tuple[int, int]] | None,
+                 dtype: torch.dtype, device: str = "cpu") -> dict[int, LayerExperts]:
+    """The experts in `pairs` (all of them when None), grouped by layer; reads nothing else."""
+    wanted = sorted(set(all_expert_pairs(cfg) if pairs is None else pairs))
+    for layer, expert in wanted:
+        if layer not in cfg.moe_layers or not 0 <= expert < cfg.num_experts:
+            raise CheckpointError(f"{ckpt.dir}: no expert ({layer}, {expert}) in this model "
+                                  f"(MoE layers {cfg.moe_layers}, {cfg.num_experts} experts)")
+    keys = [cfg.names.expert(layer, e, w) for layer, e in wanted for w in range(3)]
+    read = _Reader(ckpt, keys, dtype, device, "experts")
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in wanted:
+        by_layer.setdefault(layer, []).append(expert)
+    out = {layer: _load_layer_experts(read, cfg, layer, ids, device) for layer, ids in by_layer.items()}
+    read.close()
+    return out
+
+
+def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int], device: str) -> LayerExperts:
+    n, h, size = cfg.names, cfg.hidden_size, cfg.moe_intermediate_size
+    gate_ups, downs = [], []
+    fused = n.fused_experts(layer, "gate_up_proj") in read.ckpt and n.expert(layer, ids[0], 0) not in read.ckpt
+    for e in ids:
+        if fused:
+            gate_ups.append(read(n.fused_experts(layer, "gate_up_proj"), (2 * size, h), index=e))
+            downs.append(read(n.fused_experts(layer, "down_proj"), (h, size), index=e))
+        else:
+            gate = read(n.expert(layer, e, 0), (size, h))
+            up = read(n.expert(layer, e, 1), (size, h))
+            gate_ups.append(torch.cat([gate, up]))
+            downs.append(read(n.expert(layer, e, 2), (h, size)))
+    local_of = torch.full((cfg.num_experts,), -1, dtype=torch.int64)
+    local_of[ids] = torch.arange(len(ids))
+    return LayerExperts(layer=layer, expert_ids=list(ids), gate_up=torch.stack(gate_ups),
+                        down=torch.stack(downs), local_of=local_of.to(device))

@@ -1,0 +1,1 @@
+"""The `moe-serve` command line."""

@@ -1,0 +1,40 @@
+"""`moe-serve`: one entry point, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from moe_core.errors import MoeServeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moe_serve import demo_cmd, generate
+
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve Mixture-of-Experts language models.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="answer a prompt with the one-process engine, streaming")
+    generate.add_arguments(gen)
+    gen.set_defaults(run=generate.run)
+    demo = sub.add_parser("demo", help="build the built-in demo model (if needed) and print its folder")
+    demo_cmd.add_arguments(demo)
+    demo.set_defaults(run=demo_cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except MoeServeError as exc:
+        print(f"moe-serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The router: runs the dense part of the model with continuous batching and dispatches experts."""

@@ -1,0 +1,1 @@
+"""Continuous-batching engine: sequences, scheduler, paged KV cache, sampler, step loop."""

@@ -1,0 +1,52 @@
+"""Turning a scheduled step into the flat tensors `forward_step` takes."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_core.forward import PrefillChunk, StepBatch
+from router_service.engine.scheduler import ScheduledStep
+from router_service.engine.sequence import Sequence
+
+
+def build_batch(step: ScheduledStep, block_size: int, device: torch.device
+                ) -> tuple[StepBatch, list[Sequence]]:
+    """Decode rows first, then prefill chunks; also return the sequences to sample, in logit-row order."""
+    tokens: list[int] = []
+    positions: list[torch.Tensor] = []
+    slots: list[torch.Tensor] = []
+    sample: list[Sequence] = []
+    logit_rows: list[int] = []
+
+    batch = StepBatch(token_ids=torch.empty(0), positions=torch.empty(0), slots=torch.empty(0))
+    if step.decodes:
+        pos = torch.tensor([s.num_cached for s in step.decodes])
+        width = max(len(s.blocks) for s in step.decodes)
+        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in step.decodes])
+        tokens += [s.token_ids[s.num_cached] for s in step.decodes]
+        positions.append(pos)
+        slots.append(tables.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size)
+        batch.num_decode = len(step.decodes)
+        batch.block_tables, batch.context_lens = tables.to(device), (pos + 1).to(device)
+        sample += step.decodes
+        logit_rows += range(len(step.decodes))
+
+    for seq, n in step.prefills:
+        start, row = seq.num_cached, len(tokens)
+        table = torch.tensor(seq.blocks)
+        context = torch.arange(start + n)
+        context_slots = table[context // block_size] * block_size + context % block_size
+        tokens += seq.token_ids[start:start + n]
+        positions.append(context[start:])
+        slots.append(context_slots[start:])
+        batch.prefills.append(PrefillChunk(row=row, length=n, start=start,
+                                           context_slots=context_slots.to(device) if start else None))
+        if start + n == seq.num_tokens:
+            sample.append(seq)
+            logit_rows.append(row + n - 1)
+
+    batch.token_ids = torch.tensor(tokens, device=device)
+    batch.positions = torch.cat(positions).to(device)
+    batch.slots = torch.cat(slots).to(device)
+    batch.logit_rows = torch.tensor(logit_rows, dtype=torch.int64, device=device)
+    return batch, sample

@@ -1,0 +1,188 @@
+"""The engine: requests in, one batched model step at a time, per-request token deltas out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_core.errors import CapacityError, RequestError
+from moe_core.forward import forward_step
+from moe_core.model import DenseModel
+from moe_core.tokenizer import IncrementalDetokenizer, Tokenizer
+from router_service.engine.batch import build_batch
+from router_service.engine.kv_cache import BlockAllocator, KvCache
+from router_service.engine.params import SamplingParams
+from router_service.engine.sampler import Sampler
+from router_service.engine.scheduler import Scheduler, SchedulerConfig
+from router_service.engine.sequence import Sequence, Status, TokenLogprob
+from router_service.engine.stop import StopChecker
+from router_service.expert_backend import ExpertBackend
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache
+    seed: int | None = None  # of the engine's generator for unseeded requests
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model: DenseModel, experts: ExpertBackend, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None):
+        self.model, self.experts, self.tokenizer = model, experts, tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.cfg
+        self.kv = KvCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype, str(model.device))
+        self.allocator = BlockAllocator(self.kv.num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
+        )
+        self.sampler = Sampler(model.device, config.seed)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.kv.capacity_tokens)
+        self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids if tokenizer else ())
+        self.requests: dict[str, Sequence] = {}
+        self.last_step_tokens = 0
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raise RequestError (bad input) or CapacityError (can never fit)."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id '{request_id}' is already running", "request_id")
+        self._validate(prompt_ids, params)
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                       eos_ids=frozenset() if params.ignore_eos else self.eos_ids,
+                       arrival=time.monotonic(), stop=StopChecker(params.stop))
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.model.device)
+            seq.generator.manual_seed(params.seed)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.cfg.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        params.validate(vocab)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise CapacityError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{total} ({len(prompt_ids)} in the prompt, {params.max_tokens} to generate)", "max_tokens")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return self._final(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward pass; return a delta for every request that produced a token.
+
+        If the forward pass fails (an expert shard unreachable, say), every request in the step
+        ends with finish_reason "error" and its resources are freed; the engine stays usable.
+        """
+        scheduled = self.scheduler.schedule()
+        self.last_step_tokens = scheduled.num_tokens
+        if scheduled.empty:
+            return []
+        batch, to_sample = build_batch(scheduled, self.kv.block_size, self.model.device)
+        try:
+            with torch.inference_mode():
+                logits = forward_step(self.model, self.kv.layers, self.kv.block_size, batch, self.experts)
+                tokens, logprobs = self.sampler(logits, to_sample)
+        except Exception as exc:
+            seqs = scheduled.decodes + [s for s, _ in scheduled.prefills]
+            return [self._fail(seq, exc) for seq in seqs]
+        for seq in scheduled.decodes:
+            seq.num_cached += 1
+        for seq, n in scheduled.prefills:
+            seq.num_cached += n
+        return [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        now = time.monotonic()
+        seq.first_token_time = seq.first_token_time or now
+        seq.output_ids.append(token)
+        out = RequestOutput(seq.request_id, [token], logprobs=[logprob] if logprob else None,
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+        reason = None
+        if token in seq.eos_ids or token in seq.params.stop_token_ids:
+            reason = "stop"
+        elif seq.detokenizer is not None:
+            delta = "" if token in self.eos_ids else seq.detokenizer.push(token)
+            out.text, hit = seq.stop.feed(delta)
+            reason = "stop" if hit else None
+        if reason is None and (len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if reason == "length" or token in seq.eos_ids or token in seq.params.stop_token_ids:
+                out.text += self._drain_text(seq)
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            out.finished, out.finish_reason = True, reason
+        return out
+
+    def _drain_text(self, seq: Sequence) -> str:
+        """Text held back (incomplete UTF-8, a possible stop-string prefix) once the sequence ends."""
+        if seq.detokenizer is None:
+            return ""
+        text, hit = seq.stop.feed(seq.detokenizer.flush())
+        return text if hit else text + seq.stop.flush()
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        out = self._final(seq, "error")
+        out.error = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def _final(self, seq: Sequence, reason: str) -> RequestOutput:
+        return RequestOutput(seq.request_id, finished=True, finish_reason=reason,
+                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+
+    def status_of(self, request_id: str) -> Status | None:
+        seq = self.requests.get(request_id)
+        return seq.status if seq else None
