@@ -27,8 +27,14 @@ def test_no_stop_emits_everything():
 
 @given(st.text(alphabet="abc", max_size=40), st.lists(st.text(alphabet="abc", min_size=1, max_size=3),
                                                        min_size=1, max_size=3), st.integers(1, 5))
-def test_matches_a_plain_search(text, stops, piece):
+def test_matches_a_plain_search_at_each_piece(text, stops, piece):
+    """Stops are checked as text arrives: the first piece that completes any stop string ends the output."""
     pieces = [text[i:i + piece] for i in range(0, len(text), piece)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = (text[: min(hits)], True) if hits else (text, False)
+    expected = (text, False)
+    for end in range(piece, len(text) + piece, piece):
+        seen = text[:end]
+        hits = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        if hits:
+            expected = (seen[: min(hits)], True)
+            break
     assert run(stops, pieces) == expected
