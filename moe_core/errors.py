@@ -25,5 +25,9 @@ class RequestError(MoeServeError):
         self.param = param
 
 
+class UnavailableError(MoeServeError):
+    """A service the request needs (an expert shard, a router) has no live instance right now."""
+
+
 class CapacityError(RequestError):
     """A request can never fit the engine's KV-cache or length limits."""

@@ -130,7 +130,7 @@ def settings_from(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str]
             continue
         if is_list:
             values[f.name] = [_convert(kind, item, where) for item in raw]
-        elif isinstance(raw, bool) or kind is not bool and not isinstance(raw, str):
+        elif isinstance(raw, bool) or (kind is not bool and not isinstance(raw, str)):
             values[f.name] = raw
         else:
             values[f.name] = _convert(kind, raw, where)

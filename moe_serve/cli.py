@@ -10,7 +10,7 @@ from moe_core.errors import MoeServeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moe_serve import demo_cmd, generate
+    from moe_serve import demo_cmd, generate, up
 
     parser = argparse.ArgumentParser(prog="moe-serve", description="Serve Mixture-of-Experts language models.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer a prompt with the one-process engine, streaming")
     generate.add_arguments(gen)
     gen.set_defaults(run=generate.run)
+    cluster = sub.add_parser("up", help="start a local cluster: gateway, router(s), expert shards x replicas")
+    up.add_arguments(cluster)
+    cluster.set_defaults(run=up.run)
     demo = sub.add_parser("demo", help="build the built-in demo model (if needed) and print its folder")
     demo_cmd.add_arguments(demo)
     demo.set_defaults(run=demo_cmd.run)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_core.errors import CapacityError, RequestError
+from moe_core.errors import CapacityError, MoeServeError, RequestError, UnavailableError
 from moe_core.forward import forward_step
 from moe_core.model import DenseModel
 from moe_core.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -45,6 +45,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # "unavailable" (a needed service is down) or "internal"
 
 
 class Engine:
@@ -176,7 +177,8 @@ class Engine:
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq)
         out = self._final(seq, "error")
-        out.error = f"{type(exc).__name__}: {exc}"
+        out.error = str(exc) if isinstance(exc, MoeServeError) else f"{type(exc).__name__}: {exc}"
+        out.error_code = "unavailable" if isinstance(exc, UnavailableError) else "internal"
         return out
 
     def _final(self, seq: Sequence, reason: str) -> RequestOutput:

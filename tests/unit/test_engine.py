@@ -11,6 +11,7 @@ from moe_core.loader import load_dense_model, load_expert_shard
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
 from router_service.expert_backend import LocalExperts
+from tests.engine_helpers import drain, tokens
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 
@@ -32,27 +33,6 @@ def prompts(n: int, seed: int = 0, low: int = 2, high: int = 40) -> list[list[in
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (n,), generator=g).tolist()
     return [torch.randint(3, 256, (k,), generator=g).tolist() for k in lengths]
-
-
-def drain(engine: Engine, joins: dict[int, list[tuple[list[int], SamplingParams]]] | None = None):
-    """Step until idle; `joins[step]` lists requests added just before that step.
-
-    -> {request id: outputs}, in the order the requests joined.
-    """
-    results: dict[str, list] = {}
-    step = 0
-    joins = joins or {}
-    while engine.has_unfinished() or any(s >= step for s in joins):
-        for prompt, params in joins.get(step, []):
-            results[engine.add_request(prompt, params)] = []
-        for out in engine.step():
-            results[out.request_id].append(out)
-        step += 1
-    return results
-
-
-def tokens(outs) -> list[int]:
-    return [t for o in outs for t in o.token_ids]
 
 
 def solo(parts, prompt, params=GREEDY) -> list[int]:

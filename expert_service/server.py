@@ -1,0 +1,75 @@
+"""Starting an expert service: load this shard's experts, serve them, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from expert_service.servicer import ExpertServicer
+from expert_service.settings import ExpertSettings
+from expert_service.shard import ExpertShard
+from moe_core.checkpoint import Checkpoint
+from moe_core.config import load_config
+from moe_core.dtypes import resolve_device, resolve_dtype
+from moe_core.errors import ConfigError
+from moe_core.pb import expert_pb2, expert_pb2_grpc
+from moe_core.placement import load_placement, pairs_from_spec, parse_ids
+from moe_core.revision import model_revision
+from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.weights import load_experts
+
+log = logging.getLogger("expert_service")
+SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+def shard_pairs(settings: ExpertSettings, cfg) -> list[tuple[int, int]]:
+    if settings.placement:
+        for spec in load_placement(settings.placement, cfg):
+            if spec.shard_id == settings.shard_id:
+                return spec.pairs
+        raise ConfigError(f"{settings.placement}: no shard named '{settings.shard_id}'")
+    layers = None if settings.layers is None else parse_ids(settings.layers, cfg.num_hidden_layers, "--layers")
+    return pairs_from_spec(cfg, settings.experts, layers, "--experts")
+
+
+def build_shard(settings: ExpertSettings) -> ExpertShard:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    cfg = load_config(settings.model)
+    pairs = shard_pairs(settings, cfg)
+    experts = load_experts(Checkpoint(settings.model), cfg, pairs, dtype, device)
+    return ExpertShard(cfg, experts, model_id=settings.model_id or Path(settings.model).resolve().name,
+                       revision=model_revision(settings.model), shard_id=settings.shard_id,
+                       replica_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                       dtype=dtype, device=device)
+
+
+async def serve(settings: ExpertSettings) -> None:
+    shard = build_shard(settings)
+    server = new_server()
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard), server)
+    health = add_health(server)
+    port = bind(server, settings.host, settings.port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    held = sum(len(e.expert_ids) for e in shard.experts.values())
+    log.info("shard %s serving %d experts over %d layers of %s (revision %s, %s on %s) at %s:%d",
+             shard.shard_id, held, len(shard.experts), shard.model_id, shard.revision, shard.dtype, shard.device,
+             settings.host, port)
+    write_ready_file(settings.ready_file, port=port, role="expert", shard=shard.shard_id)
+    stop = stop_event_on_signals()
+    await stop.wait()
+    log.info("shutting down")
+    await set_serving(health, [SERVICE], False)
+    await server.stop(grace=5.0)
+
+
+def run(settings: ExpertSettings) -> None:
+    asyncio.run(serve(settings))

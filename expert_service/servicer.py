@@ -1,0 +1,34 @@
+"""The gRPC face of an expert shard. Compute runs on one worker thread so the event loop stays free
+for health checks and Describe while a large batch is being computed."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from expert_service.shard import ExpertShard
+from moe_core.pb import expert_pb2, expert_pb2_grpc
+from moe_core.rpc import StatusError
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+
+    async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+
+    async def Forward(self, request, context):
+        return await self._run(request)
+
+    async def ForwardStream(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                yield await self._run(request)
+            except StatusError as exc:  # one bad message must not tear down the stream
+                yield expert_pb2.ExpertResponse(step_id=request.step_id,
+                                                error=expert_pb2.Error(code=exc.code.value[0], message=exc.message))
+
+    async def Describe(self, request, context):
+        return self.shard.describe()

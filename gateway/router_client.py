@@ -1,0 +1,180 @@
+"""Client side of `moe.v1.RouterService` over one or more routers, each serving whole requests.
+
+A request goes to the router with the fewest requests in flight from this gateway (least recently picked
+among equals, so idle traffic still spreads); a router that just failed to answer sorts last for a while.
+gRPC errors become `GatewayError`s carrying the HTTP status the client should see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.errors import GatewayError
+from moe_core.pb import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts and logprob-heavy chunks exceed gRPC's 4 MiB default
+FAILURE_COOLDOWN_S = 5.0  # how long a router that did not answer sorts behind the others
+INFO_TIMEOUT_S = 5.0
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+# Transport failures whose details name addresses and sockets, not something a client can act on.
+TRANSPORT_HINTS = ("failed to connect", "connection refused", "socket closed", "connection reset", "ipv4:", "ipv6:")
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> GatewayError:
+    """The client-facing error for a failed router call."""
+    code, details = exc.code(), exc.details() or ""
+    status = HTTP_STATUS.get(code, 500)
+    if status == 504:
+        return GatewayError(504, "The request timed out before the model finished.")
+    if status == 503 and (not details or any(hint in details.lower() for hint in TRANSPORT_HINTS)):
+        return GatewayError(503, "No router is reachable to serve the request; try again shortly.")
+    if status == 500:
+        log.error("router call failed: %s %s", code.name, details)
+        return GatewayError(500, "The model server failed while processing the request.")
+    return GatewayError(status, details or code.name.lower().replace("_", " "))
+
+
+@dataclass
+class _Router:
+    address: str
+    in_flight: int = 0
+    last_pick: int = 0
+    failed_at: float = float("-inf")
+    channel: grpc.aio.Channel | None = None
+    _stub: router_pb2_grpc.RouterServiceStub | None = field(default=None, repr=False)
+
+    def stub(self) -> router_pb2_grpc.RouterServiceStub:
+        # Opened on first use: a grpc.aio channel belongs to the event loop that is running when it is made.
+        if self._stub is None:
+            options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+            self.channel = grpc.aio.insecure_channel(self.address, options=options)
+            self._stub = router_pb2_grpc.RouterServiceStub(self.channel)
+        return self._stub
+
+    def cooling_down(self, now: float) -> bool:
+        return now - self.failed_at < FAILURE_COOLDOWN_S
+
+
+class RouterPool:
+    """The routers behind this gateway: generation with failover, model info and readiness."""
+
+    def __init__(self, addresses: Sequence[str]):
+        if not addresses:
+            raise ValueError("RouterPool needs at least one router address")
+        self._routers = [_Router(address) for address in addresses]
+        self._picks = itertools.count(1)
+        self._info: router_pb2.ModelInfo | None = None
+
+    @property
+    def addresses(self) -> list[str]:
+        return [router.address for router in self._routers]
+
+    def in_flight(self) -> dict[str, int]:
+        return {router.address: router.in_flight for router in self._routers}
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: router_pb2.SamplingParams, request_id: str,
+                       *, timeout_s: float | None = None) -> AsyncIterator[router_pb2.GenerateChunk]:
+        """Stream one generation. Closing or cancelling the iteration cancels the call, freeing the sequence.
+
+        A router that is UNAVAILABLE before its first chunk is retried once on another router.
+        """
+        request = router_pb2.GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        tried: set[str] = set()
+        while True:
+            router = self._pick(exclude=tried)
+            tried.add(router.address)
+            timeout = _remaining(deadline)
+            started = False
+            router.in_flight += 1
+            call = router.stub().Generate(request, timeout=timeout)
+            try:
+                async for chunk in call:
+                    started = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
+                    router.failed_at = time.monotonic()
+                    if len(tried) == 1 and len(self._routers) > 1:
+                        log.warning("router %s unavailable (%s); trying another", router.address, exc.details())
+                        continue
+                raise error_from_rpc(exc) from None
+            finally:
+                router.in_flight -= 1
+                call.cancel()  # a no-op after the end; otherwise the consumer left early and the router must stop
+
+    async def model_info(self, refresh: bool = False) -> router_pb2.ModelInfo:
+        """The served model's info from the first router that answers (cached: it is fixed per model)."""
+        if self._info is None or refresh:
+            self._info = await self._first_answer("GetModelInfo", router_pb2.ModelInfoRequest())
+        return self._info
+
+    async def cluster_status(self, timeout_s: float = 2.0) -> router_pb2.ClusterStatus:
+        """A ready router's status, else a not-ready status whose reason covers every router."""
+        results = await asyncio.gather(*(self._status_of(router, timeout_s) for router in self._routers))
+        for status in results:
+            if status.ready:
+                return status
+        reasons = [f"router {router.address}: {status.reason or 'not ready'}"
+                   for router, status in zip(self._routers, results, strict=True)]
+        return router_pb2.ClusterStatus(ready=False, reason="; ".join(reasons))
+
+    async def close(self) -> None:
+        for router in self._routers:
+            if router.channel is not None:
+                await router.channel.close()
+
+    def _pick(self, exclude: set[str]) -> _Router:
+        now = time.monotonic()
+        candidates = [router for router in self._routers if router.address not in exclude] or self._routers
+        router = min(candidates, key=lambda r: (r.cooling_down(now), r.in_flight, r.last_pick))
+        router.last_pick = next(self._picks)
+        return router
+
+    async def _first_answer(self, method: str, request: object) -> object:
+        now = time.monotonic()
+        failure: grpc.aio.AioRpcError | None = None
+        for router in sorted(self._routers, key=lambda r: r.cooling_down(now)):
+            try:
+                return await getattr(router.stub(), method)(request, timeout=INFO_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                router.failed_at = time.monotonic()
+                failure = exc
+        assert failure is not None
+        raise error_from_rpc(failure)
+
+    async def _status_of(self, router: _Router, timeout_s: float) -> router_pb2.ClusterStatus:
+        try:
+            return await router.stub().GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            reason = "unreachable" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name.lower()
+            return router_pb2.ClusterStatus(ready=False, reason=reason)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise GatewayError(504, "The request timed out before the model finished.")
+    return remaining

@@ -1,0 +1,177 @@
+"""What every gRPC service here shares: message limits, error mapping, health, ready files, shutdown.
+
+One interceptor turns exceptions into status codes (a `StatusError` keeps its code, anything else is
+INTERNAL without internals), and turns request bytes that do not parse into INVALID_ARGUMENT instead
+of grpc's generic deserialization failure, so a malformed message gets a clear answer and the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 2**20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Loopback and in-cluster links: the default 64 KiB window throttles big activation messages.
+    ("grpc.http2.bdp_probe", 1),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                  ("grpc.so_reuseport", 0)]
+
+
+class StatusError(Exception):
+    """An error with the gRPC status code the caller should see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Malformed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+def _check(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.error}")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _check(request)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, StatusError):
+        await context.abort(exc.code, exc.message)
+    log.exception("%s failed", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, details):  # type: ignore[override]
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method), _safe(handler.request_deserializer),
+                handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(handler.unary_stream, method, unary_in=True),
+                _safe(handler.request_deserializer), handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._server_stream(handler.stream_stream, method, unary_in=False),
+                _safe(handler.request_deserializer), handler.response_serializer)
+        return handler
+
+    @staticmethod
+    def _unary(behavior, method: str):
+        async def wrapped(request, context):
+            try:
+                return await behavior(_check(request), context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, method)
+
+        return wrapped
+
+    @staticmethod
+    def _server_stream(behavior, method: str, unary_in: bool):
+        async def wrapped(request, context):
+            try:
+                arg = _check(request) if unary_in else _checked_stream(request)
+                async for response in behavior(arg, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, method)
+
+        return wrapped
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+
+
+def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, services: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *services]:
+        await servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Listen on host:port (0 picks a free port); return the port actually bound."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return bound
+
+
+def write_ready_file(path: str | None, **info: Any) -> None:
+    """Atomically write {"pid", **info} to `path` so a launcher can learn a port-0 service's port."""
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
+        json.dump({"pid": os.getpid(), **info}, f)
+    os.replace(f.name, target)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (for graceful shutdown of an asyncio service)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

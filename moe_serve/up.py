@@ -1,0 +1,157 @@
+"""`moe-serve up`: a whole local cluster as processes — expert shards × replicas, router(s), gateway.
+
+Every service binds a free port (or the one given) and reports it through a ready file; `cluster.json`
+in the run folder lists every service with its role, shard, replica, port and pid. Logs stream to the
+terminal with a prefix per service (and to one file each in the run folder). Ctrl-C or SIGTERM stops
+everything; so does the gateway or a router exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from moe_core.config import load_config
+from moe_core.demo import ensure_demo_model
+from moe_core.placement import ShardSpec, even_split, load_placement, write_placement
+from moe_serve.launcher import LaunchError, ProcessGroup, Service
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder (Hugging Face layout); default: the built-in demo model")
+    p.add_argument("--shards", type=int, default=2, help="expert shards (0: experts inside the router process)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per shard")
+    p.add_argument("--placement", help="placement file (JSON) instead of an even split into --shards")
+    p.add_argument("--routers", type=int, default=1, help="routers behind the gateway")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port (0: a free port)")
+    p.add_argument("--run-dir", type=Path,
+                   help="folder for cluster.json, logs and ready files (default: a new temp folder)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (for router and experts)")
+    p.add_argument("--kv-cache-mib", type=int, default=1024, help="each router's KV-cache budget")
+    p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (0: the model's)")
+    p.add_argument("--router-threads", type=int, default=0, help="torch threads per router (0: all cores)")
+    p.add_argument("--expert-threads", type=int, default=0,
+                   help="torch threads per expert service (0: cores divided among the shards)")
+    p.add_argument("--rpc-timeout-s", type=float, default=30.0, help="deadline of one router -> shard call")
+    p.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for services to start")
+
+
+def _python(module: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", module, *flags]
+
+
+def plan_shards(args: argparse.Namespace, model: Path) -> list[ShardSpec]:
+    cfg = load_config(model)
+    return load_placement(args.placement, cfg) if args.placement else even_split(cfg, args.shards)
+
+
+def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec], placement: Path) -> list[Service]:
+    cores = os.cpu_count() or 1
+    threads = args.expert_threads or max(1, cores // len(specs))
+    services = []
+    for spec in specs:
+        for r in range(args.replicas):
+            name = f"expert {spec.shard_id.removeprefix('shard-')}.{r}"
+            ready = args.run_dir / f"{name.replace(' ', '-')}.ready"
+            argv = _python("expert_service", "--model", str(model), "--placement", str(placement),
+                           "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--ready-file", str(ready),
+                           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads))
+            services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r})))
+    return services
+
+
+def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None) -> list[Service]:
+    services = []
+    for i in range(args.routers):
+        ready = args.run_dir / f"router-{i}.ready"
+        experts = ["--placement", str(placement)] if placement else ["--experts", "local"]
+        argv = _python("router_service", "--model", str(model), *experts, "--host", args.host, "--port", "0",
+                       "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
+                       "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
+                       "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s))
+        services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i})))
+    return services
+
+
+def start_gateway(group: ProcessGroup, args, model: Path, routers: list[Service]) -> Service:
+    ready = args.run_dir / "gateway.ready"
+    argv = _python("gateway", "--model", str(model), "--host", args.host, "--port", str(args.port),
+                   "--ready-file", str(ready))
+    for router in routers:
+        argv += ["--router", f"{args.host}:{router.port}"]
+    return group.start(Service("gateway", "gateway", argv, ready))
+
+
+def write_cluster_file(args, model: Path, group: ProcessGroup, gateway: Service) -> Path:
+    services = [{"name": s.name, "role": s.role, **s.info, "host": args.host, "port": s.port,
+                 "pid": s.process.pid, "log": str(args.run_dir / f"{s.name.replace(' ', '-')}.log")}
+                for s in group.services]
+    base = f"http://{args.host}:{gateway.port}"
+    cluster = {"model": str(model), "run_dir": str(args.run_dir), "url": base, "openai_base_url": f"{base}/v1",
+               "services": services}
+    path = args.run_dir / "cluster.json"
+    path.write_text(json.dumps(cluster, indent=2) + "\n")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    model = Path(args.model) if args.model else ensure_demo_model()
+    args.run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="moe-serve-"))
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    group = ProcessGroup(args.run_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        placement = None
+        if args.shards or args.placement:
+            specs = plan_shards(args, model)
+            placement = args.run_dir / "placement.json"
+            write_placement(placement, specs)
+            experts = start_experts(group, args, model, specs, placement)
+            group.wait_ready(experts, args.ready_timeout_s)
+            for spec in specs:
+                spec.replicas = [f"{args.host}:{s.port}" for s in experts if s.info["shard"] == spec.shard_id]
+            write_placement(placement, specs)
+        routers = start_routers(group, args, model, placement)
+        group.wait_ready(routers, args.ready_timeout_s)
+        gateway = start_gateway(group, args, model, routers)
+        group.wait_ready([gateway], args.ready_timeout_s)
+        cluster = write_cluster_file(args, model, group, gateway)
+        _announce(gateway, args, model, cluster)
+        return _supervise(group, stop)
+    except LaunchError as exc:
+        print(f"moe-serve up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        group.stop()
+
+
+def _announce(gateway: Service, args, model: Path, cluster: Path) -> None:
+    url = f"http://{args.host}:{gateway.port}"
+    body = json.dumps({"model": model.resolve().name, "prompt": "Once upon a time", "max_tokens": 32})
+    print(f"\nmoe-serve is up: {url}/v1  (cluster file {cluster})\n"
+          f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
+          f"  Ctrl-C stops the cluster.\n", flush=True)
+
+
+def _supervise(group: ProcessGroup, stop: threading.Event) -> int:
+    """Run until Ctrl-C/SIGTERM, or until the gateway or a router exits (expert replicas may come and go)."""
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for service in group.services:
+            if service.process.poll() is None or service.name in reported:
+                continue
+            reported.add(service.name)
+            print(f"moe-serve up: {service.name} exited with status {service.process.returncode}", flush=True)
+            if service.role != "expert":
+                return 1
+    return 0

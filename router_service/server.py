@@ -1,0 +1,96 @@
+"""Starting a router: load the dense model, find the expert shards, serve Generate, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from moe_core.checkpoint import Checkpoint
+from moe_core.dtypes import resolve_device, resolve_dtype
+from moe_core.loader import load_dense_model
+from moe_core.pb import router_pb2, router_pb2_grpc
+from moe_core.placement import load_placement
+from moe_core.revision import model_revision
+from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.tokenizer import Tokenizer
+from moe_core.weights import load_experts
+from router_service.engine.engine import Engine, EngineConfig
+from router_service.engine.loop import EngineLoop
+from router_service.expert_backend import ExpertBackend, LocalExperts
+from router_service.grpc_experts import GrpcExperts, discover, monitor
+from router_service.servicer import RouterServicer
+from router_service.settings import RouterSettings
+from router_service.shard_map import ShardMap
+
+log = logging.getLogger("router_service")
+SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def shard_addresses(settings: RouterSettings, cfg) -> dict[str, list[str]]:
+    if settings.placement:
+        specs = load_placement(settings.placement, cfg)
+        return {s.shard_id: s.replicas for s in specs}
+    return settings.shard_addresses()
+
+
+def engine_config(settings: RouterSettings) -> EngineConfig:
+    return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_mib << 20,
+                        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                        max_model_len=settings.max_model_len or None, seed=settings.seed)
+
+
+async def build_engine(settings: RouterSettings) -> tuple[Engine, ShardMap | None, str]:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    revision = model_revision(settings.model)
+    ckpt = Checkpoint(settings.model)
+    model = load_dense_model(settings.model, dtype, device, ckpt)
+    shard_map = None
+    experts: ExpertBackend
+    if settings.experts == "local":
+        experts = LocalExperts(load_experts(ckpt, model.cfg, None, dtype, device))
+    else:
+        addresses = shard_addresses(settings, model.cfg)
+        shard_map = await discover(model.cfg, addresses, revision, settings.connect_timeout_s)
+        experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(), settings.rpc_timeout_s)
+    engine = Engine(model, experts, Tokenizer.from_dir(settings.model), engine_config(settings))
+    return engine, shard_map, revision
+
+
+async def serve(settings: RouterSettings) -> None:
+    engine, shard_map, revision = await build_engine(settings)
+    info = router_pb2.ModelInfo(model_id=settings.model_id or Path(settings.model).resolve().name,
+                                model_revision=revision, model_type=engine.model.cfg.model_type,
+                                vocab_size=engine.model.cfg.vocab_size, max_model_len=engine.max_model_len,
+                                created=int(time.time()), experts_backend=settings.experts)
+    loop = EngineLoop(engine).start()
+    server = new_server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(loop, info, shard_map), server)
+    health = add_health(server)
+    port = bind(server, settings.host, settings.port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    stop = stop_event_on_signals()
+    watcher = asyncio.create_task(monitor(shard_map, revision, settings.health_interval_s, stop)) if shard_map else None
+    log.info("router serving %s (revision %s, experts %s, KV cache %d tokens) at %s:%d", info.model_id, revision,
+             settings.experts, engine.kv.capacity_tokens, settings.host, port)
+    write_ready_file(settings.ready_file, port=port, role="router")
+    await stop.wait()
+    log.info("shutting down")
+    await set_serving(health, [SERVICE], False)
+    await server.stop(grace=5.0)
+    loop.stop()
+    if watcher:
+        await watcher
+    if isinstance(engine.experts, GrpcExperts):
+        await engine.experts.aclose()
+
+
+def run(settings: RouterSettings) -> None:
+    asyncio.run(serve(settings))

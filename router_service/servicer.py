@@ -1,0 +1,68 @@
+"""The router's gRPC face: Generate streams the engine's outputs; the rest reports model and cluster state."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+
+from moe_core.errors import MoeServeError, RequestError
+from moe_core.pb import router_pb2, router_pb2_grpc
+from moe_core.rpc import StatusError
+from router_service.engine.engine import RequestOutput
+from router_service.engine.loop import EngineLoop
+from router_service.engine.params import SamplingParams
+from router_service.shard_map import ShardMap
+
+
+def sampling_from_proto(p: router_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=p.max_tokens or 16, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty)
+
+
+def chunk_from_output(out: RequestOutput) -> router_pb2.GenerateChunk:
+    logprobs = [router_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                        top=[router_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                for lp in out.logprobs or []]
+    return router_pb2.GenerateChunk(token_ids=out.token_ids, text=out.text, logprobs=logprobs,
+                                    finished=out.finished, finish_reason=out.finish_reason or "",
+                                    prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, loop: EngineLoop, info: router_pb2.ModelInfo, shard_map: ShardMap | None):
+        self.loop, self.info, self.shard_map = loop, info, shard_map
+        self.started = time.time()
+
+    async def Generate(self, request, context):
+        params = sampling_from_proto(request.sampling)
+        request_id = f"{request.request_id or 'req'}-{uuid.uuid4().hex[:8]}"
+        try:
+            async for out in self.loop.astream(list(request.prompt_ids), params, request_id):
+                if out.finish_reason == "error":
+                    code = grpc.StatusCode.UNAVAILABLE if out.error_code == "unavailable" else grpc.StatusCode.INTERNAL
+                    raise StatusError(code, out.error or "generation failed")
+                yield chunk_from_output(out)
+        except RequestError as exc:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except MoeServeError as exc:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    async def GetModelInfo(self, request, context):
+        return self.info
+
+    async def GetClusterStatus(self, request, context):
+        engine = self.loop.engine
+        status = router_pb2.ClusterStatus(running=engine.num_running, waiting=engine.num_waiting, ready=True)
+        for shard in self.shard_map.shards if self.shard_map else []:
+            replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.outstanding,
+                                                 last_error=r.last_error) for r in shard.replicas]
+            status.shards.append(router_pb2.ShardStatus(shard_id=shard.shard_id, replicas=replicas))
+        down = [s.shard_id for s in self.shard_map.shards if not s.live] if self.shard_map else []
+        if down:
+            status.ready, status.reason = False, f"no live replica for shard(s) {', '.join(down)}"
+        return status

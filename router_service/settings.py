@@ -1,0 +1,61 @@
+"""Settings of a router (flags and MOE_* variables from one definition)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_core.settings import check, setting
+
+
+@dataclass
+class RouterSettings:
+    """A router: runs the dense part of the model with continuous batching and fans experts out to shards."""
+
+    model: str | None = setting(None, "model folder (Hugging Face layout)", required=True)
+    experts: str = setting("grpc", "where routed experts run: on expert services, or in this process",
+                           choices=["grpc", "local"])
+    shard: list[str] = setting([], "a shard and its replicas, 'shard-0=host:port,host:port' (repeatable)")
+    placement: str | None = setting(None, "placement file (JSON) naming shards and their replicas' addresses")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = setting(50050, "gRPC port (0 picks a free port; see --ready-file)")
+    dtype: str = setting("auto", "compute dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = setting("auto", "compute device: cpu, cuda, cuda:N or auto")
+    threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    kv_cache_mib: int = setting(1024, "KV-cache budget in MiB")
+    block_size: int = setting(16, "tokens per KV-cache block")
+    max_num_seqs: int = setting(64, "most sequences in one batch")
+    max_num_batched_tokens: int = setting(2048, "most tokens in one step (long prompts are prefilled in chunks)")
+    max_model_len: int = setting(0, "longest prompt + output accepted (0: the model's limit)")
+    rpc_timeout_s: float = setting(30.0, "deadline of one call to an expert shard")
+    health_interval_s: float = setting(1.0, "how often replicas are health-checked (and down ones probed)")
+    connect_timeout_s: float = setting(120.0, "how long to wait at start for every shard to answer")
+    seed: int | None = setting(None, "seed of the generator used by requests without their own seed")
+    model_id: str | None = setting(None, "model name reported to clients (default: the folder name)")
+    ready_file: str | None = setting(None, "write {pid, port} here as JSON once serving")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def validate(self) -> None:
+        check(0 <= self.port < 65536, "port", f"{self.port} is not a TCP port")
+        if self.experts == "grpc":
+            check(bool(self.shard) != bool(self.placement), "shard",
+                  "with --experts grpc give the shards with --shard (repeatable) or --placement")
+        else:
+            check(not self.shard and not self.placement, "shard", "--shard/--placement need --experts grpc")
+        for spec in self.shard:
+            name, _, addresses = spec.partition("=")
+            check(bool(name) and bool(addresses) and all(":" in a for a in addresses.split(",")), "shard",
+                  f"'{spec}' is not 'name=host:port[,host:port...]'")
+        for name in ("kv_cache_mib", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            check(getattr(self, name) > 0, name, "must be positive")
+        check(self.max_model_len >= 0, "max_model_len", "must be >= 0")
+        for name in ("rpc_timeout_s", "health_interval_s", "connect_timeout_s"):
+            check(getattr(self, name) > 0, name, "must be positive")
+        check(self.threads >= 0, "threads", "must be >= 0")
+
+    def shard_addresses(self) -> dict[str, list[str]]:
+        """From --shard flags: shard id -> replica addresses."""
+        out: dict[str, list[str]] = {}
+        for spec in self.shard:
+            name, _, addresses = spec.partition("=")
+            out.setdefault(name, []).extend(a.strip() for a in addresses.split(",") if a.strip())
+        return out

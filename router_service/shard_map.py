@@ -1,0 +1,75 @@
+"""Which shard computes which (layer, expert) pair, and the split of one layer's rows into per-shard parts.
+
+Built from what every replica reports in Describe. An expert held by several shards (hot-expert
+replication) has its rows spread over its holders round-robin, so each shard still gets one message
+per layer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_core.config import MoeConfig
+from moe_core.errors import ConfigError
+from router_service.replica import Replica
+
+
+@dataclass
+class Shard:
+    shard_id: str
+    replicas: list[Replica]
+    pairs: set[tuple[int, int]]
+
+    def pick(self, exclude: set[Replica]) -> Replica | None:
+        """The live replica with the fewest calls in flight."""
+        live = [r for r in self.replicas if r.live and r not in exclude]
+        return min(live, key=lambda r: r.outstanding) if live else None
+
+    @property
+    def live(self) -> bool:
+        return any(r.live for r in self.replicas)
+
+
+@dataclass
+class Part:
+    """What one shard gets for one layer step."""
+
+    shard: Shard
+    rows: torch.Tensor  # [n] indices into the layer's rows
+    ids: torch.Tensor  # [n, k] int32 expert ids, -1 where the pair belongs to another shard
+    weights: torch.Tensor  # [n, k] float32
+
+
+class ShardMap:
+    def __init__(self, cfg: MoeConfig, shards: list[Shard]):
+        self.cfg, self.shards = cfg, shards
+        missing = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)
+                   if not any((layer, e) in s.pairs for s in shards)]
+        if missing:
+            raise ConfigError(f"no shard holds experts {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        self.holders = {layer: self._holder_table(layer) for layer in cfg.moe_layers}
+
+    def _holder_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[experts, most holders] shard indices (padded by repetition) and [experts] holder counts."""
+        holders = [[i for i, s in enumerate(self.shards) if (layer, e) in s.pairs]
+                   for e in range(self.cfg.num_experts)]
+        width = max(len(h) for h in holders)
+        table = torch.tensor([[h[j % len(h)] for j in range(width)] for h in holders], dtype=torch.int64)
+        return table, torch.tensor([len(h) for h in holders], dtype=torch.int64)
+
+    def split(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
+        """ids/weights [T, k] -> one Part per shard that has work, in shard order."""
+        table, counts = self.holders[layer]
+        rows = torch.arange(ids.shape[0])[:, None]
+        owner = table[ids, rows % counts[ids]]  # [T, k] shard index of every pair
+        parts = []
+        for index in torch.unique(owner).tolist():
+            mine = owner == index
+            selected = mine.any(dim=1).nonzero()[:, 0]
+            keep = mine[selected]
+            parts.append(Part(self.shards[index], selected,
+                              torch.where(keep, ids[selected], -1).to(torch.int32),
+                              torch.where(keep, weights[selected], 0.0).float()))
+        return parts

@@ -1,0 +1,59 @@
+"""Real service processes for integration tests, started on free ports and torn down afterwards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from moe_core.placement import ShardSpec, write_placement
+from moe_serve.launcher import ProcessGroup, Service
+
+
+class Cluster:
+    """Processes of one test: expert replicas, routers, gateways. Logs go to files in `run_dir`."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.log = (run_dir / "all.log").open("w")
+        self.group = ProcessGroup(run_dir, out=self.log, color=False)
+
+    def _start(self, name: str, role: str, module: str, flags: list[str], **info) -> Service:
+        ready = self.run_dir / f"{name.replace(' ', '-')}.ready"
+        argv = [sys.executable, "-m", module, *flags, "--ready-file", str(ready)]
+        return self.group.start(Service(name, role, argv, ready, info))
+
+    def expert(self, model: Path, spec: ShardSpec, replica: int, port: int = 0, threads: int = 1) -> Service:
+        placement = self.run_dir / "placement.json"
+        if not placement.exists():
+            raise RuntimeError("write the placement first (Cluster.placement)")
+        return self._start(f"expert {spec.shard_id}.{replica}", "expert", "expert_service",
+                           ["--model", str(model), "--placement", str(placement), "--shard-id", spec.shard_id,
+                            "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", str(threads)],
+                           shard=spec.shard_id, replica=replica)
+
+    def placement(self, specs: list[ShardSpec]) -> Path:
+        path = self.run_dir / "placement.json"
+        write_placement(path, specs)
+        return path
+
+    def router(self, model: Path, shards: dict[str, list[Service]] | None, *extra: str, name: str = "router") -> Service:
+        flags = ["--model", str(model), "--port", "0", "--dtype", "float32", "--device", "cpu",
+                 "--kv-cache-mib", "64", "--health-interval-s", "0.2", *extra]
+        if shards is None:
+            flags += ["--experts", "local"]
+        for shard_id, replicas in (shards or {}).items():
+            flags += ["--shard", f"{shard_id}=" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)]
+        return self._start(name, "router", "router_service", flags)
+
+    def gateway(self, model: Path, routers: list[Service], *extra: str) -> Service:
+        flags = ["--model", str(model), "--port", "0", *extra]
+        for router in routers:
+            flags += ["--router", f"127.0.0.1:{router.port}"]
+        return self._start("gateway", "gateway", "gateway", flags)
+
+    def wait(self, *services: Service, timeout: float = 120.0) -> None:
+        self.group.wait_ready(list(services), timeout)
+
+    def stop(self) -> None:
+        self.group.stop()
+        self.log.close()

@@ -1,0 +1,76 @@
+"""A 2-shard x 2-replica cluster computes what one process computes, and each shard gets exactly its rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_core.config import load_config
+from moe_core.loader import load_dense_model, load_expert_shard
+from moe_core.placement import even_split
+from moe_core.revision import model_revision
+from router_service.engine.engine import Engine, EngineConfig
+from router_service.engine.params import SamplingParams
+from router_service.expert_backend import LocalExperts
+from router_service.grpc_experts import GrpcExperts, discover
+from tests.engine_helpers import CountingExperts, LoopThread, drain, logprobs, random_prompts, tokens
+from tests.tiny_models import FAMILY_DEFAULT
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+
+
+def schedule(prompts):
+    """16 requests joining at different steps."""
+    joins: dict[int, list] = {}
+    for i, prompt in enumerate(prompts):
+        joins.setdefault(i % 5 * 2, []).append((prompt, PARAMS))
+    return joins
+
+
+@pytest.mark.parametrize("family", list(FAMILY_DEFAULT))
+def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
+    path = tiny_checkpoint(FAMILY_DEFAULT[family])
+    cfg = load_config(path)
+    specs = even_split(cfg, 2)
+    cluster.placement(specs)
+    replicas = {s.shard_id: [cluster.expert(path, s, r) for r in range(2)] for s in specs}
+    cluster.wait(*[r for rs in replicas.values() for r in rs])
+
+    loop = LoopThread()
+    try:
+        addresses = {sid: [f"127.0.0.1:{r.port}" for r in rs] for sid, rs in replicas.items()}
+        shard_map = loop.run(discover(cfg, addresses, model_revision(path), 60))
+        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        model = load_dense_model(path)
+        counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
+        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8)
+        prompts = random_prompts(16, cfg.vocab_size, seed=7)
+        clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
+        local = LocalExperts(load_expert_shard(path, None)[1])
+        alone = list(drain(Engine(model, local, None, config), schedule(prompts)).values())
+
+        for i, (c, a) in enumerate(zip(clustered, alone, strict=True)):
+            assert tokens(c) == tokens(a), f"{family}: request {i} differs between cluster and one process"
+            diff = max(abs(x - y) for x, y in zip(logprobs(c), logprobs(a), strict=True))
+            assert diff <= 1e-4, f"{family}: request {i} logprobs differ by {diff}"
+
+        # Every shard received exactly the rows of the experts it holds, as the gates decided.
+        infos = {sid: [loop.run(r.describe(5)) for r in shard.replicas]
+                 for sid, shard in ((s.shard_id, s) for s in shard_map.shards)}
+        received = torch.zeros_like(counting.decisions)
+        for spec in specs:
+            on_shard = torch.zeros_like(received)
+            for info in infos[spec.shard_id]:
+                for pair in info.experts:
+                    on_shard[pair.layer, pair.expert] += pair.rows
+            assert torch.equal(on_shard, remote.stats.rows_sent[spec.shard_id])
+            held = torch.zeros_like(on_shard, dtype=torch.bool)
+            for layer, expert in spec.pairs:
+                held[layer, expert] = True
+            assert not on_shard[~held].any(), f"{spec.shard_id} got rows of experts it does not hold"
+            received += on_shard
+        assert torch.equal(received, counting.decisions)
+        assert int(counting.decisions.sum()) > 0
+        loop.run(remote.aclose())
+    finally:
+        loop.stop()

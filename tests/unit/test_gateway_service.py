@@ -1,0 +1,189 @@
+"""Models, health and readiness, client disconnects, deadlines, several routers, and `python -m gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.router_client import RouterPool, error_from_rpc
+from moe_core.pb import router_pb2, router_pb2_grpc
+from tests.unit.gateway_fakes import CREATED, FakeRouter, Harness, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def harness(demo_model):
+    with Harness(demo_model) as h:
+        yield h
+
+
+def test_models(harness: Harness):
+    card = {"id": "demo", "object": "model", "created": CREATED, "owned_by": "moe-serve", "max_model_len": 2048}
+    assert httpx.get(f"{harness.url}/v1/models").json() == {"object": "list", "data": [card]}
+    assert httpx.get(f"{harness.url}/v1/models/demo").json() == card
+    missing = httpx.get(f"{harness.url}/v1/models/org/other")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_health_and_readiness(harness: Harness):
+    assert httpx.get(f"{harness.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{harness.url}/readyz").status_code == 200
+    harness.fake.ready = False
+    try:
+        response = httpx.get(f"{harness.url}/readyz")
+        assert response.status_code == 503
+        assert "shard 1 has no live replica" in response.json()["reason"]
+    finally:
+        harness.fake.ready = True
+
+
+def test_disconnect_mid_stream_cancels_the_router_call(harness: Harness):
+    harness.fake.cancel_seen.clear()
+    body = {"model": "demo", "prompt": "#hang1 story", "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{harness.url}/v1/completions", json=body) as response:
+        first = next(response.iter_lines())
+        assert json.loads(first[len("data: "):])["choices"][0]["text"]
+        assert harness.fake.hanging.wait(5)
+    # Leaving the block closed the connection while the router was still generating.
+    assert harness.fake.cancel_seen.wait(5)
+    assert harness.fake.cancelled[-1] == harness.fake.requests[-1].request_id
+
+
+def test_disconnect_before_a_response_cancels_the_router_call(harness: Harness):
+    harness.fake.cancel_seen.clear()
+    harness.fake.hanging.clear()
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "#hang"}]}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", harness.port)) as sock:
+        sock.sendall(head + body)
+        assert harness.fake.hanging.wait(5)  # the router has the request; now the client goes away
+    assert harness.fake.cancel_seen.wait(5)
+
+
+def test_request_timeout_is_504(demo_model):
+    with Harness(demo_model, request_timeout_s=0.5) as h:
+        for stream in (False, True):
+            body = {"model": "demo", "prompt": "#hang", "stream": stream}
+            response = httpx.post(f"{h.url}/v1/completions", json=body)
+            assert response.status_code == 504
+            assert response.json()["error"]["code"] == "timeout"
+            assert "timed out" in response.json()["error"]["message"]
+        body = {"model": "demo", "prompt": "#hang1", "stream": True}
+        events = httpx.post(f"{h.url}/v1/completions", json=body).text.split("\n\n")
+        assert json.loads(events[-3][len("data: "):])["error"]["code"] == "timeout"
+        assert events[-2] == "data: [DONE]"
+        assert h.fake.cancel_seen.wait(5)  # the router was told to stop too
+
+
+def test_an_unreachable_router_is_skipped(demo_model):
+    with Harness(demo_model, dead_routers_first=1) as h:
+        with httpx.Client(base_url=h.url) as client:
+            for _ in range(3):
+                response = client.post("/v1/completions", json={"model": "demo", "prompt": "Hi", "n": 2})
+                assert response.status_code == 200 and len(response.json()["choices"]) == 2
+            assert client.get("/readyz").status_code == 200
+            assert client.get("/v1/models").status_code == 200
+        assert len(h.fake.requests) == 6
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    (grpc.StatusCode.INVALID_ARGUMENT, 400), (grpc.StatusCode.OUT_OF_RANGE, 400), (grpc.StatusCode.NOT_FOUND, 404),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 429), (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, 504), (grpc.StatusCode.UNAUTHENTICATED, 401),
+    (grpc.StatusCode.INTERNAL, 500), (grpc.StatusCode.FAILED_PRECONDITION, 500), (grpc.StatusCode.UNKNOWN, 500),
+])
+def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int):
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="detail")
+    assert error_from_rpc(exc).status == status
+
+
+def test_no_router_reachable_is_503():
+    async def scenario() -> GatewayError:
+        pool = RouterPool([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+        try:
+            chunks = pool.generate([1, 2], router_pb2.SamplingParams(max_tokens=1), "r1", timeout_s=5)
+            with pytest.raises(GatewayError) as info:
+                await anext(chunks)
+            return info.value
+        finally:
+            await pool.close()
+
+    error = asyncio.run(scenario())
+    assert error.status == 503 and "127.0.0.1" not in error.message
+
+
+def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
+    async def scenario() -> tuple[FakeRouter, FakeRouter]:
+        fakes, servers, addresses = [], [], []
+        for _ in range(2):
+            fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
+            router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            fakes.append(fake)
+            servers.append(server)
+        pool = RouterPool(addresses)
+        sampling = router_pb2.SamplingParams(max_tokens=4)
+        hanging = pool.generate(harness.tokenizer.encode("#hang1"), sampling, "busy")
+        await anext(hanging)  # one request in flight, on the first router
+        async for _ in pool.generate([1, 300], sampling, "second"):
+            pass
+        assert pool.in_flight() == {addresses[0]: 1, addresses[1]: 0}
+        await hanging.aclose()
+        await pool.close()
+        for server in servers:
+            await server.stop(grace=None)
+        return fakes[0], fakes[1]
+
+    first, second = asyncio.run(scenario())
+    assert [r.request_id for r in first.requests] == ["busy"]
+    assert [r.request_id for r in second.requests] == ["second"]
+    assert first.cancelled == ["busy"]  # closing the iteration cancelled the call
+
+
+def run_gateway(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_process_serves_on_port_0_and_exits_cleanly_on_sigterm(demo_model, harness: Harness, tmp_path: Path):
+    ready = tmp_path / "gateway.json"
+    proc = run_gateway("--model", str(demo_model), "--router", harness.settings.router[-1], "--port", "0",
+                       "--ready-file", str(ready), "--model-name", "demo", "--log-level", "warning")
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():  # a separate process: nothing to wait on but its file
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == proc.pid
+        response = httpx.post(f"http://127.0.0.1:{info['port']}/v1/completions",
+                              json={"model": "demo", "prompt": "Hello", "max_tokens": 2})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not ready.exists()
+
+
+def test_process_gives_up_when_no_router_answers(demo_model):
+    proc = run_gateway("--model", str(demo_model), "--router", f"127.0.0.1:{free_port()}", "--port", "0",
+                       "--startup-timeout-s", "0.5")
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "no router answered" in output
