@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job: a local cluster (gateway, router, 2 expert shards) on the demo model, asked one question;
+# it keeps serving until Ctrl-C. CI=true (or EXIT=1) stops it after the answer.
 demo: $(STAMP)
-	$(VENV)/bin/moe-serve generate "$(PROMPT)" --max-tokens 48
+	$(VENV)/bin/moe-serve up --ask "$(PROMPT)" $(if $(or $(EXIT),$(filter true,$(CI))),--exit-after-ask)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -17,6 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import httpx
+
 from moe_core.config import load_config
 from moe_core.demo import ensure_demo_model
 from moe_core.placement import ShardSpec, even_split, load_placement, write_placement
@@ -42,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per expert service (0: cores divided among the shards)")
     p.add_argument("--rpc-timeout-s", type=float, default=30.0, help="deadline of one router -> shard call")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for services to start")
+    p.add_argument("--ask", metavar="PROMPT", help="once the cluster is up, ask it this (a streamed completion)")
+    p.add_argument("--max-tokens", type=int, default=48, help="with --ask: tokens to generate")
+    p.add_argument("--exit-after-ask", action="store_true", help="with --ask: stop the cluster after the answer")
 
 
 def _python(module: str, *flags: str) -> list[str]:
@@ -127,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         group.wait_ready([gateway], args.ready_timeout_s)
         cluster = write_cluster_file(args, model, group, gateway)
         _announce(gateway, args, model, cluster)
+        if args.ask:
+            ask(f"http://{args.host}:{gateway.port}/v1", model.resolve().name, args.ask, args.max_tokens)
+            if args.exit_after_ask:
+                return 0
         return _supervise(group, stop)
     except LaunchError as exc:
         print(f"moe-serve up: {exc}", file=sys.stderr)
@@ -141,6 +150,26 @@ def _announce(gateway: Service, args, model: Path, cluster: Path) -> None:
     print(f"\nmoe-serve is up: {url}/v1  (cluster file {cluster})\n"
           f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
           f"  Ctrl-C stops the cluster.\n", flush=True)
+
+
+def ask(base_url: str, model_name: str, prompt: str, max_tokens: int) -> None:
+    """Stream one completion from the gateway, as any OpenAI client would, and print it."""
+    body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    print(f"\n>>> {prompt}", end="", flush=True)
+    usage = {}
+    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=120) as response:
+        if response.status_code != 200:
+            raise LaunchError(f"the gateway answered {response.status_code}: {response.read().decode()}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            for choice in event.get("choices", []):
+                print(choice.get("text", ""), end="", flush=True)
+            usage = event.get("usage") or usage
+    print(f"\n<<< {usage.get('prompt_tokens')} prompt tokens, {usage.get('completion_tokens')} generated\n",
+          flush=True)
 
 
 def _supervise(group: ProcessGroup, stop: threading.Event) -> int:

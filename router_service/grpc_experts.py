@@ -136,7 +136,10 @@ async def _describe_all(shard: Shard, revision: str) -> None:
             await probe(replica, shard, revision)
 
 
-async def probe(replica: Replica, shard: Shard, revision: str, timeout: float = 2.0) -> bool:
+HEALTH_TIMEOUT_S = 2.0  # generous: a busy 2-core machine must not turn a slow answer into a dead replica
+
+
+async def probe(replica: Replica, shard: Shard, revision: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
     """Health-check a replica and verify what it serves; mark it live only if it is the right shard."""
     try:
         if not await replica.healthy(timeout):
@@ -161,10 +164,10 @@ async def monitor(shard_map: ShardMap, revision: str, interval_s: float, stop: a
     """Health-check live replicas (mark failures down) and probe down ones back, until `stop` is set."""
     async def check(shard: Shard, replica: Replica) -> None:
         try:
-            if replica.live and not await replica.healthy(min(interval_s, 2.0)):
+            if replica.live and not await replica.healthy(HEALTH_TIMEOUT_S):
                 replica.mark_down(replica.last_error or "health check failed")
             elif not replica.live:
-                await probe(replica, shard, revision, min(interval_s, 2.0))
+                await probe(replica, shard, revision)
         except ConfigError as exc:
             log.error("%s", exc)
 

@@ -80,13 +80,27 @@ class _Stream:
 class Replica:
     def __init__(self, shard_id: str, address: str):
         self.shard_id, self.address = shard_id, address
-        self.channel = channel(address)
-        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._channel: grpc.aio.Channel | None = None  # made on first use, inside the event loop
         self.live = False
         self.outstanding = 0
         self.last_error = ""
         self._stream: _Stream | None = None
+
+    def _connect(self) -> None:
+        if self._channel is None:
+            self._channel = channel(self.address)
+            self._stub = expert_pb2_grpc.ExpertServiceStub(self._channel)
+            self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def stub(self) -> expert_pb2_grpc.ExpertServiceStub:
+        self._connect()
+        return self._stub
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        self._connect()
+        return self._health
 
     def __repr__(self) -> str:
         return f"Replica({self.shard_id}@{self.address}, live={self.live})"
@@ -135,7 +149,8 @@ class Replica:
     async def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
-        await self.channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -59,8 +59,16 @@ async def build_engine(settings: RouterSettings) -> tuple[Engine, ShardMap | Non
         addresses = shard_addresses(settings, model.cfg)
         shard_map = await discover(model.cfg, addresses, revision, settings.connect_timeout_s)
         experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(), settings.rpc_timeout_s)
-    engine = Engine(model, experts, Tokenizer.from_dir(settings.model), engine_config(settings))
+    engine = Engine(model, experts, _tokenizer(settings.model), engine_config(settings))
     return engine, shard_map, revision
+
+
+def _tokenizer(model_dir: str) -> Tokenizer | None:
+    """The router detokenizes for stop strings and streamed text; a bare checkpoint still serves token ids."""
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        log.warning("%s has no tokenizer.json: no text in outputs, stop strings refused", model_dir)
+        return None
+    return Tokenizer.from_dir(model_dir)
 
 
 async def serve(settings: RouterSettings) -> None:

@@ -93,6 +93,8 @@ class Engine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
         params.validate(vocab)
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need the model's tokenizer, which this server does not have", "stop")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise CapacityError(

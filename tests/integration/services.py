@@ -36,7 +36,8 @@ class Cluster:
         write_placement(path, specs)
         return path
 
-    def router(self, model: Path, shards: dict[str, list[Service]] | None, *extra: str, name: str = "router") -> Service:
+    def router(self, model: Path, shards: dict[str, list[Service]] | None, *extra: str,
+               name: str = "router") -> Service:
         flags = ["--model", str(model), "--port", "0", "--dtype", "float32", "--device", "cpu",
                  "--kv-cache-mib", "64", "--health-interval-s", "0.2", *extra]
         if shards is None:

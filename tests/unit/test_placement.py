@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_core.config import config_from_dict
+from moe_core.errors import ConfigError
+from moe_core.placement import (
+    ShardSpec,
+    even_split,
+    load_placement,
+    pairs_from_spec,
+    parse_ids,
+    uncovered,
+    write_placement,
+)
+from router_service.replica import Replica
+from router_service.shard_map import Shard, ShardMap
+
+CFG = config_from_dict({"model_type": "qwen2_moe", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+                        "moe_intermediate_size": 4, "num_hidden_layers": 4, "num_attention_heads": 2,
+                        "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 2})
+
+
+def test_ids_and_pairs():
+    assert parse_ids("0-2,5", 8, "x") == [0, 1, 2, 5]
+    assert parse_ids("all", 3, "x") == [0, 1, 2]
+    assert CFG.moe_layers == [1, 3]
+    assert pairs_from_spec(CFG, "6-7") == [(1, 6), (1, 7), (3, 6), (3, 7)]
+    assert pairs_from_spec(CFG, {"3": [0], "1": "1-2"}) == [(1, 1), (1, 2), (3, 0)]
+    for bad, message in [("9", r"outside \[0, 8\)"), ("a-b", "cannot read expert ids"), ("", "no experts")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_ids(bad, 8, "x")
+    with pytest.raises(ConfigError, match="layer 0 is not an MoE layer"):
+        pairs_from_spec(CFG, {"0": "1"})
+
+
+def test_even_split_covers_everything_once():
+    specs = even_split(CFG, 3)
+    assert [len({e for _, e in s.pairs}) for s in specs] == [3, 2, 3]
+    assert not uncovered(CFG, specs)
+    with pytest.raises(ConfigError, match="cannot split 8 experts into 9"):
+        even_split(CFG, 9)
+
+
+def test_placement_file_roundtrip_and_errors(tmp_path):
+    path = tmp_path / "placement.json"
+    specs = [ShardSpec("a", [(1, 0), (3, 0)], ["h:1"]), ShardSpec("b", [(1, 1)], [])]
+    write_placement(path, specs)
+    loaded = load_placement(path, CFG)
+    assert [(s.shard_id, s.pairs, s.replicas) for s in loaded] == [(s.shard_id, s.pairs, s.replicas) for s in specs]
+    assert uncovered(CFG, loaded)[:2] == [(1, 2), (1, 3)]
+    path.write_text(json.dumps({"shards": [{"id": "a", "experts": "0"}, {"id": "a", "experts": "1"}]}))
+    with pytest.raises(ConfigError, match="shard ids must be unique"):
+        load_placement(path, CFG)
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_placement(path, CFG)
+
+
+def test_split_sends_each_pair_to_a_holder_once():
+    a = Shard("a", [Replica("a", "127.0.0.1:1")], {(1, e) for e in range(5)} | {(3, e) for e in range(8)})
+    b = Shard("b", [Replica("b", "127.0.0.1:2")], {(1, e) for e in range(4, 8)})  # expert 4 replicated
+    shard_map = ShardMap(CFG, [a, b])
+    ids = torch.tensor([[0, 4], [4, 7], [4, 5], [1, 2]])
+    weights = torch.rand(4, 2)
+    parts = shard_map.split(1, ids, weights)
+    seen = torch.zeros(4, 2, dtype=torch.int64)
+    for part in parts:
+        held = {e for (layer, e) in part.shard.pairs if layer == 1}
+        for row, pair_ids, pair_w in zip(part.rows.tolist(), part.ids.tolist(), part.weights.tolist(), strict=True):
+            for j, (e, w) in enumerate(zip(pair_ids, pair_w, strict=True)):
+                if e >= 0:
+                    assert e in held and w == pytest.approx(weights[row, j].item())
+                    seen[row, (ids[row] == e).nonzero()[0, 0]] += 1
+    assert torch.equal(seen, torch.ones_like(seen))
+    owners = {p.shard.shard_id for p in parts if (p.ids == 4).any()}
+    assert owners == {"a", "b"}  # the replicated expert's rows are spread over both holders
+    with pytest.raises(ConfigError, match="no shard holds experts"):
+        ShardMap(CFG, [b])
