@@ -144,6 +144,20 @@ def _train_tokenizer(stories: list[str]) -> Tokenizer:
     return tokenizer
 
 
+def write_padded_tokenizer(target: Path, vocab_size: int) -> None:
+    """The demo tokenizer, its vocabulary padded with never-merged filler tokens to `vocab_size`.
+
+    Benchmark presets (vocab 32000) need a real tokenizer of their own size; the padding changes
+    what ids exist, not how text is split.
+    """
+    tokenizer = _train_tokenizer(_read_corpus())
+    data = json.loads(tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(tokenizer.get_vocab_size(with_added_tokens=True), vocab_size):
+        vocab[f"filler{i}"] = i
+    _write_tokenizer(Tokenizer.from_str(json.dumps(data)), target)
+
+
 def _write_tokenizer(tokenizer: Tokenizer, target: Path) -> None:
     (target / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     _write_json(target / "tokenizer_config.json", {

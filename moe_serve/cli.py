@@ -21,10 +21,31 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("up", help="start a local cluster: gateway, router(s), expert shards x replicas")
     up.add_arguments(cluster)
     cluster.set_defaults(run=up.run)
+    bench = sub.add_parser("bench", help="benchmark serving configurations side by side (see bench/)")
+    bench.set_defaults(run=_run_bench)
+    _add_bench_arguments(bench)
     demo = sub.add_parser("demo", help="build the built-in demo model (if needed) and print its folder")
     demo_cmd.add_arguments(demo)
     demo.set_defaults(run=demo_cmd.run)
     return parser
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from bench.run import add_arguments
+    except ImportError:  # bench/ lives in the source tree, not in an installed wheel
+        p.add_argument("rest", nargs="*")
+        return
+    add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.run import run
+    except ImportError:
+        print("moe-serve bench runs from a source checkout (the bench/ folder)", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

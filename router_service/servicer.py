@@ -62,6 +62,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.outstanding,
                                                  last_error=r.last_error) for r in shard.replicas]
             status.shards.append(router_pb2.ShardStatus(shard_id=shard.shard_id, replicas=replicas))
+        stats = getattr(engine.experts, "stats", None)
+        if stats is not None:
+            status.dispatch.CopyFrom(router_pb2.DispatchStats(
+                calls=stats.calls, seconds=stats.seconds, retries=stats.retries,
+                shard_compute_seconds=stats.shard_compute_seconds))
         down = [s.shard_id for s in self.shard_map.shards if not s.live] if self.shard_map else []
         if down:
             status.ready, status.reason = False, f"no live replica for shard(s) {', '.join(down)}"

@@ -125,15 +125,29 @@ class ShardStatus(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("ready", "shards", "running", "waiting", "reason")
+    __slots__ = ("ready", "shards", "running", "waiting", "reason", "dispatch")
     READY_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
     running: int
     waiting: int
     reason: str
-    def __init__(self, ready: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    dispatch: DispatchStats
+    def __init__(self, ready: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reason: _Optional[str] = ..., dispatch: _Optional[_Union[DispatchStats, _Mapping]] = ...) -> None: ...
+
+class DispatchStats(_message.Message):
+    __slots__ = ("calls", "seconds", "shard_compute_seconds", "retries")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    seconds: float
+    shard_compute_seconds: float
+    retries: int
+    def __init__(self, calls: _Optional[int] = ..., seconds: _Optional[float] = ..., shard_compute_seconds: _Optional[float] = ..., retries: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,81 @@
+"""The serving configurations a benchmark compares, each started as a real `moe-serve up` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from moe_core.pb import router_pb2, router_pb2_grpc
+
+# name -> extra `moe-serve up` flags
+CONFIGS = {
+    "local": ["--shards", "0"],  # one process: experts inside the router (plus the gateway)
+    "cluster-2": ["--shards", "2"],
+    "cluster-2x2": ["--shards", "2", "--replicas", "2"],
+}
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen
+    cluster: dict
+
+    @property
+    def url(self) -> str:
+        return self.cluster["url"]
+
+    @property
+    def router(self) -> dict:
+        return next(s for s in self.cluster["services"] if s["role"] == "router")
+
+    def dispatch(self) -> router_pb2.DispatchStats:
+        with grpc.insecure_channel(f"127.0.0.1:{self.router['port']}") as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            return stub.GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=10).dispatch
+
+    def peak_rss_mib(self) -> dict[str, float]:
+        """Peak resident memory (VmHWM) of every service, by name."""
+        out = {}
+        for service in self.cluster["services"]:
+            try:
+                status = Path(f"/proc/{service['pid']}/status").read_text()
+            except OSError:
+                continue
+            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            out[service["name"]] = round(kib / 1024, 1)
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start(name: str, model: Path, run_dir: Path, dtype: str, extra: list[str] | None = None,
+          timeout: float = 600) -> Running:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster_file = run_dir / "cluster.json"
+    cluster_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(model), "--port", "0", "--run-dir",
+            str(run_dir), "--dtype", dtype, "--kv-cache-mib", "2048", *CONFIGS[name], *(extra or [])]
+    log = (run_dir / "up.log").open("w")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while not cluster_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{name} did not start; see {run_dir / 'up.log'}")
+        time.sleep(0.2)
+    return Running(name, process, json.loads(cluster_file.read_text()))

@@ -1,0 +1,105 @@
+"""Drive an OpenAI-compatible server at a fixed concurrency and measure what a user sees.
+
+Every request streams (`stream_options.include_usage`), so time to first token (TTFT), the gaps
+between streamed chunks (ITL), time per output token (TPOT) and end-to-end latency are measured
+from the client's side of the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from bench.workload import Request
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> Result:
+    body = {"model": model, "prompt": request.prompt_ids, "max_tokens": request.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result, started, last = Result(), time.perf_counter(), None
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result.error = event["error"].get("message", "error")
+                now = time.perf_counter()
+                if event.get("choices") and event["choices"][0].get("text"):
+                    if last is None:
+                        result.ttft = now - started
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                if event.get("usage"):
+                    result.output_tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.e2e = time.perf_counter() - started
+    return result
+
+
+async def run_load(base_url: str, model: str, requests: list[Request], concurrency: int,
+                   progress=None) -> tuple[list[Result], float]:
+    """Send `requests` keeping `concurrency` in flight; -> per-request results and the wall time."""
+    queue: asyncio.Queue[Request] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                request = queue.get_nowait()
+                results.append(await _one(client, f"{base_url}/v1/completions", model, request))
+                if progress is not None:
+                    progress.update(1)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+def percentiles(values: list[float], scale: float = 1e3) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * scale, 2)
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "mean": round(statistics.fmean(values) * scale, 2)}
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(results), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
+        "output_tokens": tokens, "output_tok_s": round(tokens / wall, 1), "req_s": round(len(ok) / wall, 3),
+        "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
+        "itl_ms": percentiles([gap for r in ok for gap in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
+        "first_error": next((r.error for r in results if r.error), None),
+    }

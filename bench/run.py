@@ -1,0 +1,125 @@
+"""`moe-serve bench`: serving configurations side by side on one workload, in one run.
+
+    moe-serve bench --preset bench-s --configs local cluster-2 --concurrency 1 32
+
+For each configuration: start it (`moe-serve up`), warm it up, drive it at each concurrency with the
+same seeded workload, and record output tokens/s, request/s, TTFT, TPOT, ITL, E2E (p50/p90/p99),
+peak RSS per service and the router's per-layer dispatch time. Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.configs import CONFIGS, start
+from bench.driver import run_load, summarize
+from bench.models import PRESETS, make_bench_model
+from bench.workload import mixed_workload
+from moe_core.config import load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="bench-s", choices=sorted(PRESETS))
+    p.add_argument("--model", type=Path, help="benchmark this model folder instead of a preset")
+    p.add_argument("--configs", nargs="+", default=["local", "cluster-2"], choices=sorted(CONFIGS))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=64, help="requests per run (at concurrency 1: a quarter)")
+    p.add_argument("--prompt-range", type=int, nargs=2, default=[32, 512])
+    p.add_argument("--output-range", type=int, nargs=2, default=[16, 128])
+    p.add_argument("--repeat-fraction", type=float, default=0.0, help="share of requests repeating a prompt")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/bench-<time>.json)")
+    p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
+
+
+def _revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
+    running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag)
+    try:
+        model_name = model.resolve().name
+        asyncio.run(run_load(running.url, model_name, workloads[min(workloads)][:2], 1))  # warm-up
+        before = running.dispatch()
+        runs = []
+        for concurrency, requests in workloads.items():
+            with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
+                results, wall = asyncio.run(run_load(running.url, model_name, requests, concurrency, bar))
+            after = running.dispatch()
+            summary = summarize(results, wall) | {"concurrency": concurrency}
+            calls = after.calls - before.calls
+            if calls:
+                seconds = after.seconds - before.seconds
+                compute = after.shard_compute_seconds - before.shard_compute_seconds
+                summary["dispatch_ms_per_layer"] = round(1e3 * seconds / calls, 3)
+                summary["dispatch_overhead_ms_per_layer"] = round(1e3 * (seconds - compute) / calls, 3)
+            before = after
+            runs.append(summary)
+            print(json.dumps({"config": name, **{k: summary[k] for k in ("concurrency", "output_tok_s", "errors")},
+                              "ttft_p50_ms": summary["ttft_ms"]["p50"]}), flush=True)
+        return {"config": name, "runs": runs, "peak_rss_mib": running.peak_rss_mib()}
+    finally:
+        running.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
+    cfg = load_config(model)
+    workloads = {c: mixed_workload(args.requests if c > 1 else max(8, args.requests // 4), cfg.vocab_size,
+                                   args.seed, tuple(args.prompt_range), tuple(args.output_range),
+                                   args.repeat_fraction) for c in sorted(args.concurrency)}
+    report = {"preset": None if args.model else args.preset, "model": str(model), "dtype": args.dtype,
+              "git": _revision(), "machine": f"{platform.machine()} {platform.processor()} cores={_cores()}",
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
+                  "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
+                  "repeat_fraction": args.repeat_fraction, "seed": args.seed},
+              "configs": [bench_config(name, model, args, workloads) for name in args.configs]}
+    out = args.out or args.work_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
+    for config in report["configs"]:
+        xs = [r["concurrency"] for r in config["runs"]]
+        tput.plot(xs, [r["output_tok_s"] for r in config["runs"]], marker="o", label=config["config"])
+        ttft.plot(xs, [r["ttft_ms"]["p50"] for r in config["runs"]], marker="o", label=config["config"])
+    for axis, label in ((tput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"{report.get('preset') or report['model']} ({report['dtype']}, git {report['git']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

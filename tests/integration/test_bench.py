@@ -1,0 +1,34 @@
+"""The benchmark harness, on the demo model with a tiny workload: every field there and sane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_writes_complete_results(demo_model, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs", "local",
+         "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24", "--output-range",
+         "4", "8", "--work-dir", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert {"model", "dtype", "git", "machine", "workload", "configs"} <= set(report)
+    assert [c["config"] for c in report["configs"]] == ["local", "cluster-2"]
+    for config in report["configs"]:
+        assert [r["concurrency"] for r in config["runs"]] == [1, 3]
+        assert config["peak_rss_mib"]["gateway"] > 10 and all(v > 10 for v in config["peak_rss_mib"].values())
+        for run in config["runs"]:
+            assert run["errors"] == 0 and run["first_error"] is None
+            assert run["output_tokens"] >= 4 * run["requests"] and run["output_tok_s"] > 0
+            for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+                stats = run[metric]
+                assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
+            assert run["ttft_ms"]["p50"] < run["e2e_ms"]["p50"]
+    cluster_runs = report["configs"][1]["runs"]
+    assert all(r["dispatch_ms_per_layer"] > r["dispatch_overhead_ms_per_layer"] > 0 for r in cluster_runs)
+    assert len(report["configs"][1]["peak_rss_mib"]) == 4  # gateway, router, two experts
