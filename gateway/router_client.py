@@ -18,6 +18,7 @@ import grpc
 
 from gateway.errors import GatewayError
 from moe_core.pb import router_pb2, router_pb2_grpc
+from moe_core.rpc import from_server
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
-# Transport failures whose details name addresses and sockets, not something a client can act on.
-TRANSPORT_HINTS = ("failed to connect", "connection refused", "socket closed", "connection reset", "ipv4:", "ipv6:")
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> GatewayError:
@@ -44,7 +43,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> GatewayError:
     status = HTTP_STATUS.get(code, 500)
     if status == 504:
         return GatewayError(504, "The request timed out before the model finished.")
-    if status == 503 and (not details or any(hint in details.lower() for hint in TRANSPORT_HINTS)):
+    if status == 503 and not (from_server(exc) and details):  # the transport's details name sockets, not causes
         return GatewayError(503, "No router is reachable to serve the request; try again shortly.")
     if status == 500:
         log.error("router call failed: %s %s", code.name, details)

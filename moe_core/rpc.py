@@ -41,6 +41,18 @@ SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.http2.min_ping_interval_without_data_
                   ("grpc.so_reuseport", 0)]
 
 
+# Trailing metadata on every status our servers set on purpose, so a client can tell "the server said
+# UNAVAILABLE (a shard is down)" from "the server could not be reached".
+ORIGIN_KEY = "moe-error-origin"
+SERVER_ORIGIN = ((ORIGIN_KEY, "server"),)
+
+
+def from_server(exc: grpc.aio.AioRpcError | grpc.RpcError) -> bool:
+    """Whether a failed call's status was set by one of our servers (not by the transport)."""
+    metadata = exc.trailing_metadata() or ()
+    return any(key == ORIGIN_KEY for key, _ in metadata)
+
+
 class StatusError(Exception):
     """An error with the gRPC status code the caller should see."""
 
@@ -81,9 +93,10 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, StatusError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, trailing_metadata=SERVER_ORIGIN)
     log.exception("%s failed", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}",
+                        trailing_metadata=SERVER_ORIGIN)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

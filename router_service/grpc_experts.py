@@ -100,7 +100,8 @@ class GrpcExperts(ExpertBackend):
                 replica.mark_down(str(exc))
                 last = f"{replica.address}: {exc}"
                 self.stats.retries += 1
-        raise UnavailableError(f"expert shard {shard.shard_id} has no live replica ({last})")
+        log.warning("expert shard %s has no live replica (%s)", shard.shard_id, last)
+        raise UnavailableError(f"expert shard {shard.shard_id} has no live replica; try again shortly")
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.close() for s in self.map.shards for r in s.replicas))

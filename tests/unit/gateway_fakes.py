@@ -24,6 +24,7 @@ from gateway.router_client import RouterPool
 from gateway.server import GatewayServer, bind
 from gateway.settings import GatewaySettings
 from moe_core.pb import router_pb2, router_pb2_grpc
+from moe_core.rpc import SERVER_ORIGIN
 from moe_core.tokenizer import Tokenizer
 
 FIRST_PLAIN_ID = 5  # the demo tokenizer's ids 0..4 are special tokens, which decode to nothing
@@ -62,7 +63,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
         prompt = self.tokenizer.decode(request.prompt_ids, skip_special_tokens=False)
         for marker, (code, details) in ERRORS.items():
             if marker in prompt:
-                await context.abort(code, details)
+                await context.abort(code, details, trailing_metadata=SERVER_ORIGIN)
         if "#hang" in prompt and "#hang1" not in prompt:
             await self._hang(request)
         sampling = request.sampling
@@ -84,7 +85,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
             if "#hang1" in prompt:
                 await self._hang(request)
             if "#midfail" in prompt and i == 1:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "shard 0 went down")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "shard 0 went down", trailing_metadata=SERVER_ORIGIN)
 
     async def GetModelInfo(self, request: Any, context: Any) -> router_pb2.ModelInfo:
         return router_pb2.ModelInfo(model_id="demo", model_revision=REVISION, model_type="mixtral",

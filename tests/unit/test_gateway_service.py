@@ -19,6 +19,7 @@ import pytest
 from gateway.errors import GatewayError
 from gateway.router_client import RouterPool, error_from_rpc
 from moe_core.pb import router_pb2, router_pb2_grpc
+from moe_core.rpc import SERVER_ORIGIN
 from tests.unit.gateway_fakes import CREATED, FakeRouter, Harness, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def test_an_unreachable_router_is_skipped(demo_model):
     (grpc.StatusCode.INTERNAL, 500), (grpc.StatusCode.FAILED_PRECONDITION, 500), (grpc.StatusCode.UNKNOWN, 500),
 ])
 def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int):
-    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="detail")
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*SERVER_ORIGIN), details="detail")
     assert error_from_rpc(exc).status == status
 
 
