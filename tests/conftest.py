@@ -33,3 +33,16 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("demo-model")
     build_demo_model(path)
     return path
+
+
+def need_tool(name: str) -> str:
+    """The path of a system tool a test needs. Missing: skip on a dev machine, fail under CI (which installs it)."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required under CI (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
