@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from expert_service.metrics import ExpertMetrics
 from expert_service.servicer import ExpertServicer
 from expert_service.settings import ExpertSettings
 from expert_service.shard import ExpertShard
@@ -17,6 +18,7 @@ from moe_core.checkpoint import Checkpoint
 from moe_core.config import load_config
 from moe_core.dtypes import resolve_device, resolve_dtype
 from moe_core.errors import ConfigError
+from moe_core.metrics import serve_metrics
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.placement import load_placement, pairs_from_spec, parse_ids
 from moe_core.revision import model_revision
@@ -54,16 +56,18 @@ def build_shard(settings: ExpertSettings) -> ExpertShard:
 async def serve(settings: ExpertSettings) -> None:
     shard = build_shard(settings)
     server = new_server()
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard), server)
+    metrics = ExpertMetrics(shard, settings.per_expert_metrics)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics), server)
     health = add_health(server)
     port = bind(server, settings.host, settings.port)
     await server.start()
+    metrics_port = serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     await set_serving(health, [SERVICE], True)
     held = sum(len(e.expert_ids) for e in shard.experts.values())
     log.info("shard %s serving %d experts over %d layers of %s (revision %s, %s on %s) at %s:%d",
              shard.shard_id, held, len(shard.experts), shard.model_id, shard.revision, shard.dtype, shard.device,
              settings.host, port)
-    write_ready_file(settings.ready_file, port=port, role="expert", shard=shard.shard_id)
+    write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, role="expert", shard=shard.shard_id)
     stop = stop_event_on_signals()
     await stop.wait()
     log.info("shutting down")

@@ -6,18 +6,29 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from expert_service.metrics import ExpertMetrics
 from expert_service.shard import ExpertShard
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, shard: ExpertShard):
-        self.shard = shard
+    def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
+        self.shard, self.metrics = shard, metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
 
     async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+        except StatusError as exc:
+            if self.metrics:
+                self.metrics.requests.labels(exc.code.name).inc()
+            raise
+        if self.metrics:
+            self.metrics.requests.labels("OK").inc()
+            self.metrics.forward.labels(str(request.layer)).observe(response.compute_seconds)
+            self.metrics.rows.observe(request.hidden.shape[0] if request.hidden.shape else 0)
+        return response
 
     async def Forward(self, request, context):
         return await self._run(request)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from gateway.errors import GatewayError, internal_error, model_not_found
 from gateway.generation import ChoiceEvent, ChoiceSpec, ChoiceState, collect, stream_choices
 from gateway.http_io import SSE_DONE, ClientDisconnected, EventStream, read_json, sse, unless_disconnected
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.prompts import ModelLimits, Prompt, chat_max_tokens, chat_prompt, completion_prompts, sampling_params
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, parse_request
 from gateway.responses import ChatFormat, CompletionFormat, ResponseFormat, new_id, usage
@@ -87,6 +88,21 @@ class Gateway:
         if status.ready:
             return JSONResponse({"status": "ready", "running": status.running, "waiting": status.waiting})
         return JSONResponse({"status": "not_ready", "reason": status.reason}, status_code=503)
+
+    async def expert_stats(self) -> dict[str, Any]:
+        """Tokens routed per [layer][expert] (summed over routers) and balancedness per MoE layer."""
+        stats = await self.pool.expert_stats()
+        if not stats:
+            raise GatewayError(503, "No router answered.", code="service_unavailable")
+        first = stats[0]
+        width = first.num_experts
+        tokens = [[sum(s.tokens[layer * width + e] for s in stats) for e in range(width)]
+                  for layer in range(first.num_layers)]
+        balance = {str(layer): sum(s.balancedness[i] for s in stats) / len(stats)
+                   for i, layer in enumerate(first.moe_layers)}
+        return {"object": "expert_stats", "model": self.model_name, "num_layers": first.num_layers,
+                "num_experts": width, "moe_layers": list(first.moe_layers), "tokens": tokens,
+                "balancedness": balance, "window_steps": first.window_steps, "routers": len(stats)}
 
     async def _model(self, name: str) -> tuple[router_pb2.ModelInfo, ModelLimits]:
         if name != self.model_name:
@@ -165,6 +181,10 @@ def create_app(settings: GatewaySettings, pool: RouterPool, tokenizer: Tokenizer
     app.add_api_route("/v1/models/{model_id:path}", gateway.model, methods=["GET"])
     app.add_api_route("/healthz", gateway.healthz, methods=["GET"])
     app.add_api_route("/readyz", gateway.readyz, methods=["GET"])
+    app.add_api_route("/v1/experts/stats", gateway.expert_stats, methods=["GET"])
+    metrics = GatewayMetrics()
+    app.add_api_route("/metrics", metrics.endpoint, methods=["GET"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)

@@ -138,6 +138,16 @@ class RouterPool:
                    for router, status in zip(self._routers, results, strict=True)]
         return router_pb2.ClusterStatus(ready=False, reason="; ".join(reasons))
 
+    async def expert_stats(self, timeout_s: float = 5.0) -> list[router_pb2.ExpertStats]:
+        """Every reachable router's expert statistics."""
+        async def one(router: _Router) -> router_pb2.ExpertStats | None:
+            try:
+                return await router.stub().GetExpertStats(router_pb2.ExpertStatsRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                return None
+
+        return [s for s in await asyncio.gather(*(one(r) for r in self._routers)) if s is not None]
+
     async def close(self) -> None:
         for router in self._routers:
             if router.channel is not None:

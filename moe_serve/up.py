@@ -67,7 +67,8 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
             name = f"expert {spec.shard_id.removeprefix('shard-')}.{r}"
             ready = args.run_dir / f"{name.replace(' ', '-')}.ready"
             argv = _python("expert_service", "--model", str(model), "--placement", str(placement),
-                           "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--ready-file", str(ready),
+                           "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--metrics-port", "0",
+                           "--ready-file", str(ready),
                            "--dtype", args.dtype, "--device", args.device, "--threads", str(threads))
             services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r})))
     return services
@@ -79,6 +80,7 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
         ready = args.run_dir / f"router-{i}.ready"
         experts = ["--placement", str(placement)] if placement else ["--experts", "local"]
         argv = _python("router_service", "--model", str(model), *experts, "--host", args.host, "--port", "0",
+                       "--metrics-port", "0",
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
                        "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s))
@@ -95,9 +97,17 @@ def start_gateway(group: ProcessGroup, args, model: Path, routers: list[Service]
     return group.start(Service("gateway", "gateway", argv, ready))
 
 
+def _metrics_url(host: str, service: Service) -> str | None:
+    if service.role == "gateway":
+        return f"http://{host}:{service.port}/metrics"
+    port = service.ready.get("metrics_port")
+    return f"http://{host}:{port}/metrics" if port else None
+
+
 def write_cluster_file(args, model: Path, group: ProcessGroup, gateway: Service) -> Path:
     services = [{"name": s.name, "role": s.role, **s.info, "host": args.host, "port": s.port,
-                 "pid": s.process.pid, "log": str(args.run_dir / f"{s.name.replace(' ', '-')}.log")}
+                 "pid": s.process.pid, "metrics_url": _metrics_url(args.host, s),
+                 "log": str(args.run_dir / f"{s.name.replace(' ', '-')}.log")}
                 for s in group.services]
     base = f"http://{args.host}:{gateway.port}"
     cluster = {"model": str(model), "run_dir": str(args.run_dir), "url": base, "openai_base_url": f"{base}/v1",

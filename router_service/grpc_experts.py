@@ -3,26 +3,28 @@
 The engine thread calls `forward`; the calls themselves run on the router's asyncio loop (where the
 gRPC channels live), all shards concurrently. A shard call goes to the live replica with the fewest
 calls in flight; on UNAVAILABLE or DEADLINE_EXCEEDED the replica is marked down and the call is
-retried once on another replica. A background task health-checks replicas and probes down ones back.
+retried once on another replica (`discovery.monitor` probes it back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from moe_core import codec
 from moe_core.config import MoeConfig
-from moe_core.errors import ConfigError, UnavailableError
+from moe_core.errors import UnavailableError
 from moe_core.pb import expert_pb2
+from moe_core.rpc import StatusError
 from router_service.expert_backend import ExpertBackend
+from router_service.metrics import DispatchMetrics
 from router_service.replica import Replica, ReplicaError
 from router_service.shard_map import Part, Shard, ShardMap
 
@@ -39,39 +41,28 @@ class DispatchStats:
     retries: int = 0
     rows_sent: dict[str, torch.Tensor] = field(default_factory=dict)  # shard -> [layers, experts] rows
 
-    @property
-    def overhead_ms_per_call(self) -> float:
-        return 1e3 * (self.seconds - self.shard_compute_seconds) / max(self.calls, 1)
-
 
 class GrpcExperts(ExpertBackend):
     def __init__(self, cfg: MoeConfig, shard_map: ShardMap, revision: str, loop: asyncio.AbstractEventLoop,
-                 rpc_timeout_s: float = 30.0):
+                 rpc_timeout_s: float = 30.0, metrics: DispatchMetrics | None = None):
         self.cfg, self.map, self.revision, self.loop = cfg, shard_map, revision, loop
-        self.timeout = rpc_timeout_s
+        self.timeout, self.metrics = rpc_timeout_s, metrics
         self.stats = DispatchStats(rows_sent={s.shard_id: torch.zeros(cfg.num_hidden_layers, cfg.num_experts,
                                                                       dtype=torch.int64) for s in shard_map.shards})
         self._steps = itertools.count()
         self._lock = threading.Lock()
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if _running_loop() is self.loop:
+            raise RuntimeError("GrpcExperts.forward must run off the event loop's thread (it blocks on it)")
         started = time.perf_counter()
         parts = self.map.split(layer, ids, weights)
         requests = [self._request(layer, x, part) for part in parts]
-        if _running_loop() is self.loop:
-            raise RuntimeError("GrpcExperts.forward must run off the event loop's thread (it blocks on it)")
-        future = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop)
-        responses = future.result()
+        responses = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop).result()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for part, response in zip(parts, responses, strict=True):
             out.index_add_(0, part.rows.to(x.device), codec.decode(response.output, "output").to(x.device).float())
-        with self._lock:
-            self.stats.calls += 1
-            self.stats.seconds += time.perf_counter() - started
-            self.stats.shard_compute_seconds += max((r.compute_seconds for r in responses), default=0.0)
-            for part in parts:
-                used = part.ids[part.ids >= 0].long()
-                self.stats.rows_sent[part.shard.shard_id][layer] += torch.bincount(used, minlength=self.cfg.num_experts)
+        self._account(layer, parts, responses, time.perf_counter() - started)
         return out.to(x.dtype)
 
     def _request(self, layer: int, x: torch.Tensor, part: Part) -> expert_pb2.ExpertRequest:
@@ -80,11 +71,25 @@ class GrpcExperts(ExpertBackend):
                                         expert_ids=codec.encode(part.ids), expert_weights=codec.encode(part.weights),
                                         step_id=next(self._steps))
 
+    def _account(self, layer: int, parts: list[Part], responses: list, seconds: float) -> None:
+        with self._lock:
+            self.stats.calls += 1
+            self.stats.seconds += seconds
+            self.stats.shard_compute_seconds += max((r.compute_seconds for r in responses), default=0.0)
+            for part in parts:
+                used = part.ids[part.ids >= 0].long()
+                self.stats.rows_sent[part.shard.shard_id][layer] += torch.bincount(used, minlength=self.cfg.num_experts)
+        if self.metrics:
+            self.metrics.dispatch.observe(seconds)
+            for part in parts:
+                self.metrics.shard_tokens.labels(part.shard.shard_id).inc(len(part.rows))
+
     async def _gather(self, parts: list[Part], requests: list[expert_pb2.ExpertRequest]
                       ) -> list[expert_pb2.ExpertResponse]:
-        return await asyncio.gather(*(self._call(p.shard, r) for p, r in zip(parts, requests, strict=True)))
+        calls = (self._call(p.shard, r, len(p.rows)) for p, r in zip(parts, requests, strict=True))
+        return await asyncio.gather(*calls)
 
-    async def _call(self, shard: Shard, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+    async def _call(self, shard: Shard, request: expert_pb2.ExpertRequest, rows: int) -> expert_pb2.ExpertResponse:
         tried: set[Replica] = set()
         last = "no replica is live"
         for _ in range(2):  # the first choice, then one retry on another replica
@@ -92,16 +97,30 @@ class GrpcExperts(ExpertBackend):
             if replica is None:
                 break
             tried.add(replica)
+            started = time.perf_counter()
             try:
-                return await replica.forward(request, self.timeout)
+                response = await replica.forward(request, self.timeout)
             except ReplicaError as exc:
+                self._error(shard, replica, exc.code)
                 if not exc.retryable:
                     raise
                 replica.mark_down(str(exc))
                 last = f"{replica.address}: {exc}"
                 self.stats.retries += 1
+                continue
+            except StatusError as exc:
+                self._error(shard, replica, exc.code)
+                raise
+            if self.metrics:
+                self.metrics.rpc_duration.labels(shard.shard_id, replica.address).observe(time.perf_counter() - started)
+                self.metrics.replica_tokens.labels(shard.shard_id, replica.address).inc(rows)
+            return response
         log.warning("expert shard %s has no live replica (%s)", shard.shard_id, last)
         raise UnavailableError(f"expert shard {shard.shard_id} has no live replica; try again shortly")
+
+    def _error(self, shard: Shard, replica: Replica, code: grpc.StatusCode) -> None:
+        if self.metrics:
+            self.metrics.rpc_errors.labels(shard.shard_id, replica.address, code.name).inc()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.close() for s in self.map.shards for r in s.replicas))
@@ -112,67 +131,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-async def discover(cfg: MoeConfig, addresses: dict[str, list[str]], revision: str, timeout_s: float) -> ShardMap:
-    """Ask every replica what it holds; wait until each shard has answered at least once."""
-    shards = [Shard(shard_id, [Replica(shard_id, a) for a in addrs], set()) for shard_id, addrs in addresses.items()]
-    deadline = time.monotonic() + timeout_s
-    pending = [s for s in shards]
-    while pending:
-        await asyncio.gather(*(_describe_all(s, revision) for s in pending))
-        pending = [s for s in shards if not s.live]
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            detail = "; ".join(f"{s.shard_id}: {r.address} ({r.last_error})" for s in pending for r in s.replicas)
-            raise UnavailableError(f"expert shards did not answer within {timeout_s:.0f}s: {detail}")
-        await asyncio.sleep(0.5)
-    return ShardMap(cfg, shards)
-
-
-async def _describe_all(shard: Shard, revision: str) -> None:
-    for replica in shard.replicas:
-        if not replica.live:
-            await probe(replica, shard, revision)
-
-
-HEALTH_TIMEOUT_S = 2.0  # generous: a busy 2-core machine must not turn a slow answer into a dead replica
-
-
-async def probe(replica: Replica, shard: Shard, revision: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
-    """Health-check a replica and verify what it serves; mark it live only if it is the right shard."""
-    try:
-        if not await replica.healthy(timeout):
-            return False
-        info = await replica.describe(timeout)
-    except ReplicaError as exc:
-        replica.last_error = str(exc)
-        return False
-    if info.model_revision != revision:
-        raise ConfigError(f"replica {replica.address} of {shard.shard_id} serves model revision "
-                          f"{info.model_revision}, the router runs {revision}")
-    pairs = {(p.layer, p.expert) for p in info.experts}
-    if shard.pairs and pairs != shard.pairs:
-        raise ConfigError(f"replica {replica.address} of {shard.shard_id} holds other experts than the "
-                          f"shard's other replicas")
-    shard.pairs = pairs
-    replica.mark_live()
-    return True
-
-
-async def monitor(shard_map: ShardMap, revision: str, interval_s: float, stop: asyncio.Event) -> None:
-    """Health-check live replicas (mark failures down) and probe down ones back, until `stop` is set."""
-    async def check(shard: Shard, replica: Replica) -> None:
-        try:
-            if replica.live and not await replica.healthy(HEALTH_TIMEOUT_S):
-                replica.mark_down(replica.last_error or "health check failed")
-            elif not replica.live:
-                await probe(replica, shard, revision)
-        except ConfigError as exc:
-            log.error("%s", exc)
-
-    while not stop.is_set():
-        await asyncio.gather(*(check(s, r) for s in shard_map.shards for r in s.replicas))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)

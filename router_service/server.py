@@ -5,29 +5,54 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from moe_core.checkpoint import Checkpoint
 from moe_core.dtypes import resolve_device, resolve_dtype
 from moe_core.loader import load_dense_model
+from moe_core.metrics import serve_metrics
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.placement import load_placement
 from moe_core.revision import model_revision
 from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
 from moe_core.tokenizer import Tokenizer
 from moe_core.weights import load_experts
+from router_service.discovery import ReplicaSet, discover, monitor
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.loop import EngineLoop
 from router_service.expert_backend import ExpertBackend, LocalExperts
-from router_service.grpc_experts import GrpcExperts, discover, monitor
+from router_service.grpc_experts import GrpcExperts
+from router_service.metrics import (
+    DispatchMetrics,
+    EngineMetrics,
+    RoutingRecorder,
+    RoutingStats,
+    ShardHealth,
+    new_registry,
+)
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
 from router_service.shard_map import ShardMap
 
 log = logging.getLogger("router_service")
 SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+@dataclass
+class Router:
+    """Everything a running router holds."""
+
+    engine: Engine
+    revision: str
+    registry: CollectorRegistry
+    routing: RoutingStats
+    shard_map: ShardMap | None = None
+    replica_sets: list[ReplicaSet] | None = None
+    grpc_experts: GrpcExperts | None = None
 
 
 def shard_addresses(settings: RouterSettings, cfg) -> dict[str, list[str]]:
@@ -43,7 +68,7 @@ def engine_config(settings: RouterSettings) -> EngineConfig:
                         max_model_len=settings.max_model_len or None, seed=settings.seed)
 
 
-async def build_engine(settings: RouterSettings) -> tuple[Engine, ShardMap | None, str]:
+async def build_router(settings: RouterSettings) -> Router:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
@@ -51,16 +76,22 @@ async def build_engine(settings: RouterSettings) -> tuple[Engine, ShardMap | Non
     revision = model_revision(settings.model)
     ckpt = Checkpoint(settings.model)
     model = load_dense_model(settings.model, dtype, device, ckpt)
-    shard_map = None
+    registry = new_registry()
+    routing = RoutingStats(model.cfg, settings.balance_window, settings.per_expert_metrics)
+    registry.register(routing)
+    shard_map = replica_sets = grpc_experts = None
     experts: ExpertBackend
     if settings.experts == "local":
         experts = LocalExperts(load_experts(ckpt, model.cfg, None, dtype, device))
     else:
-        addresses = shard_addresses(settings, model.cfg)
-        shard_map = await discover(model.cfg, addresses, revision, settings.connect_timeout_s)
-        experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(), settings.rpc_timeout_s)
-    engine = Engine(model, experts, _tokenizer(settings.model), engine_config(settings))
-    return engine, shard_map, revision
+        shard_map, replica_sets = await discover(model.cfg, shard_addresses(settings, model.cfg), revision,
+                                                 settings.connect_timeout_s)
+        registry.register(ShardHealth(shard_map))
+        experts = grpc_experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(),
+                                             settings.rpc_timeout_s, DispatchMetrics(registry))
+    engine = Engine(model, RoutingRecorder(experts, routing), _tokenizer(settings.model), engine_config(settings),
+                    EngineMetrics(registry))
+    return Router(engine, revision, registry, routing, shard_map, replica_sets, grpc_experts)
 
 
 def _tokenizer(model_dir: str) -> Tokenizer | None:
@@ -72,23 +103,27 @@ def _tokenizer(model_dir: str) -> Tokenizer | None:
 
 
 async def serve(settings: RouterSettings) -> None:
-    engine, shard_map, revision = await build_engine(settings)
+    router = await build_router(settings)
+    engine = router.engine
     info = router_pb2.ModelInfo(model_id=settings.model_id or Path(settings.model).resolve().name,
-                                model_revision=revision, model_type=engine.model.cfg.model_type,
+                                model_revision=router.revision, model_type=engine.model.cfg.model_type,
                                 vocab_size=engine.model.cfg.vocab_size, max_model_len=engine.max_model_len,
                                 created=int(time.time()), experts_backend=settings.experts)
     loop = EngineLoop(engine).start()
     server = new_server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(loop, info, shard_map), server)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(loop, info, router), server)
     health = add_health(server)
     port = bind(server, settings.host, settings.port)
     await server.start()
+    metrics_port = serve_metrics(settings.metrics_port, settings.host, router.registry)
     await set_serving(health, [SERVICE], True)
     stop = stop_event_on_signals()
-    watcher = asyncio.create_task(monitor(shard_map, revision, settings.health_interval_s, stop)) if shard_map else None
-    log.info("router serving %s (revision %s, experts %s, KV cache %d tokens) at %s:%d", info.model_id, revision,
-             settings.experts, engine.kv.capacity_tokens, settings.host, port)
-    write_ready_file(settings.ready_file, port=port, role="router")
+    watcher = None
+    if router.replica_sets:
+        watcher = asyncio.create_task(monitor(router.replica_sets, router.revision, settings.health_interval_s, stop))
+    log.info("router serving %s (revision %s, experts %s, KV cache %d tokens) at %s:%d", info.model_id,
+             router.revision, settings.experts, engine.kv.capacity_tokens, settings.host, port)
+    write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, role="router")
     await stop.wait()
     log.info("shutting down")
     await set_serving(health, [SERVICE], False)
@@ -96,8 +131,8 @@ async def serve(settings: RouterSettings) -> None:
     loop.stop()
     if watcher:
         await watcher
-    if isinstance(engine.experts, GrpcExperts):
-        await engine.experts.aclose()
+    if router.grpc_experts:
+        await router.grpc_experts.aclose()
 
 
 def run(settings: RouterSettings) -> None:

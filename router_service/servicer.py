@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import grpc
@@ -34,9 +33,9 @@ def chunk_from_output(out: RequestOutput) -> router_pb2.GenerateChunk:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, loop: EngineLoop, info: router_pb2.ModelInfo, shard_map: ShardMap | None):
-        self.loop, self.info, self.shard_map = loop, info, shard_map
-        self.started = time.time()
+    def __init__(self, loop: EngineLoop, info: router_pb2.ModelInfo, router):
+        self.loop, self.info, self.router = loop, info, router
+        self.shard_map: ShardMap | None = router.shard_map
 
     async def Generate(self, request, context):
         params = sampling_from_proto(request.sampling)
@@ -62,7 +61,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.outstanding,
                                                  last_error=r.last_error) for r in shard.replicas]
             status.shards.append(router_pb2.ShardStatus(shard_id=shard.shard_id, replicas=replicas))
-        stats = getattr(engine.experts, "stats", None)
+        stats = self.router.grpc_experts.stats if self.router.grpc_experts else None
         if stats is not None:
             status.dispatch.CopyFrom(router_pb2.DispatchStats(
                 calls=stats.calls, seconds=stats.seconds, retries=stats.retries,
@@ -71,3 +70,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if down:
             status.ready, status.reason = False, f"no live replica for shard(s) {', '.join(down)}"
         return status
+
+    async def GetExpertStats(self, request, context):
+        cfg = self.loop.engine.model.cfg
+        total, balance = self.router.routing.snapshot()
+        return router_pb2.ExpertStats(num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
+                                      moe_layers=cfg.moe_layers, tokens=total.reshape(-1).tolist(),
+                                      balancedness=[balance.get(layer, 0.0) for layer in cfg.moe_layers],
+                                      window_steps=self.router.routing.window)

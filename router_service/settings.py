@@ -18,6 +18,10 @@ class RouterSettings:
     placement: str | None = setting(None, "placement file (JSON) naming shards and their replicas' addresses")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = setting(50050, "gRPC port (0 picks a free port; see --ready-file)")
+    metrics_port: int = setting(9400, "Prometheus /metrics HTTP port (0: a free port, -1: off)")
+    per_expert_metrics: bool = setting(True, "export tokens per (layer, expert); off for very large models "
+                                             "(per-layer totals stay)")
+    balance_window: int = setting(1024, "steps per layer in the balancedness window")
     dtype: str = setting("auto", "compute dtype", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = setting("auto", "compute device: cpu, cuda, cuda:N or auto")
     threads: int = setting(0, "torch intra-op threads (0: torch's default)")
@@ -36,6 +40,8 @@ class RouterSettings:
 
     def validate(self) -> None:
         check(0 <= self.port < 65536, "port", f"{self.port} is not a TCP port")
+        check(-1 <= self.metrics_port < 65536, "metrics_port", f"{self.metrics_port} is not a TCP port (or -1)")
+        check(self.balance_window > 0, "balance_window", "must be positive")
         if self.experts == "grpc":
             check(bool(self.shard) != bool(self.placement), "shard",
                   "with --experts grpc give the shards with --shard (repeatable) or --placement")

@@ -151,3 +151,23 @@ class DispatchStats(_message.Message):
     shard_compute_seconds: float
     retries: int
     def __init__(self, calls: _Optional[int] = ..., seconds: _Optional[float] = ..., shard_compute_seconds: _Optional[float] = ..., retries: _Optional[int] = ...) -> None: ...
+
+class ExpertStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertStats(_message.Message):
+    __slots__ = ("num_layers", "num_experts", "moe_layers", "tokens", "balancedness", "window_steps")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_experts: int
+    moe_layers: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    balancedness: _containers.RepeatedScalarFieldContainer[float]
+    window_steps: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., balancedness: _Optional[_Iterable[float]] = ..., window_steps: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class RouterServiceStub:
                 request_serializer=moe_dot_v1_dot_router__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_router__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.GetExpertStats = channel.unary_unary(
+                '/moe.v1.RouterService/GetExpertStats',
+                request_serializer=moe_dot_v1_dot_router__pb2.ExpertStatsRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_router__pb2.ExpertStats.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -77,6 +82,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpertStats(self, request, context):
+        """Tokens routed per (layer, expert) since start and balancedness per layer, for placement tools.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=moe_dot_v1_dot_router__pb2.ClusterStatusRequest.FromString,
                     response_serializer=moe_dot_v1_dot_router__pb2.ClusterStatus.SerializeToString,
+            ),
+            'GetExpertStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpertStats,
+                    request_deserializer=moe_dot_v1_dot_router__pb2.ExpertStatsRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_router__pb2.ExpertStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +194,33 @@ class RouterService:
             '/moe.v1.RouterService/GetClusterStatus',
             moe_dot_v1_dot_router__pb2.ClusterStatusRequest.SerializeToString,
             moe_dot_v1_dot_router__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpertStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.RouterService/GetExpertStats',
+            moe_dot_v1_dot_router__pb2.ExpertStatsRequest.SerializeToString,
+            moe_dot_v1_dot_router__pb2.ExpertStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ from router_service.engine.batch import build_batch
 from router_service.engine.kv_cache import BlockAllocator, KvCache
 from router_service.engine.params import SamplingParams
 from router_service.engine.sampler import Sampler
-from router_service.engine.scheduler import Scheduler, SchedulerConfig
+from router_service.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router_service.engine.sequence import Sequence, Status, TokenLogprob
 from router_service.engine.stop import StopChecker
 from router_service.expert_backend import ExpertBackend
@@ -48,10 +48,24 @@ class RequestOutput:
     error_code: str | None = None  # "unavailable" (a needed service is down) or "internal"
 
 
+class EngineObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_step(self, engine: Engine, scheduled: ScheduledStep, sampled: list[Sequence]) -> None:
+        """After a step ran and its tokens were appended."""
+
+    def observe_queue(self, engine: Engine) -> None:
+        """When the queue changed without a step (a request arrived)."""
+
+    def on_finish(self, seq: Sequence, reason: str) -> None:
+        """When a sequence ends: stop, length, abort or error."""
+
+
 class Engine:
     def __init__(self, model: DenseModel, experts: ExpertBackend, tokenizer: Tokenizer | None = None,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, observer: EngineObserver | None = None):
         self.model, self.experts, self.tokenizer = model, experts, tokenizer
+        self.observer = observer or EngineObserver()
         self.config = config = config or EngineConfig()
         cfg = model.cfg
         self.kv = KvCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype, str(model.device))
@@ -84,6 +98,7 @@ class Engine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
+        self.observer.observe_queue(self)
         return request_id
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -106,6 +121,7 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
+        self.observer.on_finish(seq, "abort")
         return self._final(seq, "abort")
 
     def has_unfinished(self) -> bool:
@@ -143,7 +159,9 @@ class Engine:
             seq.num_cached += 1
         for seq, n in scheduled.prefills:
             seq.num_cached += n
-        return [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
+        outputs = [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
+        self.observer.on_step(self, scheduled, to_sample)
+        return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         now = time.monotonic()
@@ -165,6 +183,7 @@ class Engine:
                 out.text += self._drain_text(seq)
             self.requests.pop(seq.request_id, None)
             self.scheduler.finish(seq)
+            self.observer.on_finish(seq, reason)
             out.finished, out.finish_reason = True, reason
         return out
 
@@ -178,6 +197,7 @@ class Engine:
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq)
+        self.observer.on_finish(seq, "error")
         out = self._final(seq, "error")
         out.error = str(exc) if isinstance(exc, MoeServeError) else f"{type(exc).__name__}: {exc}"
         out.error_code = "unavailable" if isinstance(exc, UnavailableError) else "internal"

@@ -28,7 +28,8 @@ class Cluster:
             raise RuntimeError("write the placement first (Cluster.placement)")
         return self._start(f"expert {spec.shard_id}.{replica}", "expert", "expert_service",
                            ["--model", str(model), "--placement", str(placement), "--shard-id", spec.shard_id,
-                            "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", str(threads)],
+                            "--port", str(port), "--metrics-port", "0", "--dtype", "float32", "--device", "cpu",
+                            "--threads", str(threads)],
                            shard=spec.shard_id, replica=replica)
 
     def placement(self, specs: list[ShardSpec]) -> Path:
@@ -38,7 +39,7 @@ class Cluster:
 
     def router(self, model: Path, shards: dict[str, list[Service]] | None, *extra: str,
                name: str = "router") -> Service:
-        flags = ["--model", str(model), "--port", "0", "--dtype", "float32", "--device", "cpu",
+        flags = ["--model", str(model), "--port", "0", "--metrics-port", "0", "--dtype", "float32", "--device", "cpu",
                  "--kv-cache-mib", "64", "--health-interval-s", "0.2", *extra]
         if shards is None:
             flags += ["--experts", "local"]

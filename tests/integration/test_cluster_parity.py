@@ -9,10 +9,11 @@ from moe_core.config import load_config
 from moe_core.loader import load_dense_model, load_expert_shard
 from moe_core.placement import even_split
 from moe_core.revision import model_revision
+from router_service.discovery import discover
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
 from router_service.expert_backend import LocalExperts
-from router_service.grpc_experts import GrpcExperts, discover
+from router_service.grpc_experts import GrpcExperts
 from tests.engine_helpers import CountingExperts, LoopThread, drain, logprobs, random_prompts, tokens
 from tests.tiny_models import FAMILY_DEFAULT
 
@@ -39,7 +40,7 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
     loop = LoopThread()
     try:
         addresses = {sid: [f"127.0.0.1:{r.port}" for r in rs] for sid, rs in replicas.items()}
-        shard_map = loop.run(discover(cfg, addresses, model_revision(path), 60))
+        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
         remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
         model = load_dense_model(path)
         counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)

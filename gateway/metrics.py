@@ -1,0 +1,58 @@
+"""The gateway's Prometheus metrics: requests by route and status, latency to the last byte, in flight.
+
+A pure ASGI middleware (not BaseHTTPMiddleware) so that streamed responses are timed to their last
+chunk and nothing buffers them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moe_core.metrics import LATENCY_BUCKETS
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = Counter("moe_http_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.duration = Histogram("moe_http_request_duration_seconds", "Request latency to the last byte",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("moe_http_requests_in_flight", "Requests being served", registry=self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+        self.metrics.in_flight.inc()
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"  # the template, never the raw path
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(name, str(status)).inc()
+            self.metrics.duration.labels(name).observe(time.perf_counter() - started)

@@ -1,0 +1,173 @@
+"""The router's Prometheus metrics (names and meanings in docs/metrics.md).
+
+Hot-path numbers that would otherwise mean dozens of labelled increments per step (tokens per
+(layer, expert), balancedness) live in tensors and are turned into samples only when Prometheus
+scrapes, by collectors; everything else is a plain prometheus_client metric.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from moe_core.config import MoeConfig
+from moe_core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from router_service.engine.scheduler import ScheduledStep
+from router_service.engine.sequence import Sequence
+from router_service.expert_backend import ExpertBackend
+
+
+class RoutingStats(Collector):
+    """Tokens routed per (layer, expert), cumulative and over a sliding window of steps per layer."""
+
+    def __init__(self, cfg: MoeConfig, window: int = 1024, per_expert: bool = True):
+        self.layers, self.per_expert, self.window = cfg.moe_layers, per_expert, window
+        self.total = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64)
+        self.recent = torch.zeros(cfg.num_hidden_layers, window, cfg.num_experts, dtype=torch.int64)
+        self.position = [0] * cfg.num_hidden_layers
+        self.lock = threading.Lock()
+
+    def record(self, layer: int, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids.reshape(-1).cpu(), minlength=self.total.shape[1])
+        with self.lock:
+            self.total[layer] += counts
+            self.recent[layer, self.position[layer] % self.window] = counts
+            self.position[layer] += 1
+
+    def snapshot(self) -> tuple[torch.Tensor, dict[int, float]]:
+        """Cumulative counts [layers, experts] and balancedness (mean / max over the window) per MoE layer."""
+        with self.lock:
+            total, window = self.total.clone(), self.recent.sum(dim=1)
+        balance = {layer: (window[layer].float().mean() / window[layer].max()).item()
+                   for layer in self.layers if window[layer].max() > 0}
+        return total, balance
+
+    def collect(self) -> Iterator:
+        total, balance = self.snapshot()
+        layer_tokens = CounterMetricFamily("moe_expert_layer_tokens", "Token rows routed in each MoE layer",
+                                           labels=["layer"])
+        for layer in self.layers:
+            layer_tokens.add_metric([str(layer)], float(total[layer].sum()))
+        yield layer_tokens
+        if self.per_expert:
+            tokens = CounterMetricFamily("moe_expert_tokens", "Token rows routed to each expert (gate decisions)",
+                                         labels=["layer", "expert"])
+            for layer in self.layers:
+                for expert, count in enumerate(total[layer].tolist()):
+                    tokens.add_metric([str(layer), str(expert)], float(count))
+            yield tokens
+        gauge = GaugeMetricFamily("moe_expert_balancedness", "Mean / max tokens per expert over the recent "
+                                  "window of steps (1.0 = perfectly balanced)", labels=["layer"])
+        for layer, value in balance.items():
+            gauge.add_metric([str(layer)], value)
+        yield gauge
+
+
+class RoutingRecorder(ExpertBackend):
+    """Wraps the expert backend: every layer step's gate decisions are counted before dispatch."""
+
+    def __init__(self, inner: ExpertBackend, stats: RoutingStats):
+        self.inner, self.stats = inner, stats
+
+    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        self.stats.record(layer, ids)
+        return self.inner.forward(layer, x, weights, ids)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ShardHealth(Collector):
+    """Replica liveness, read from the shard map at scrape time."""
+
+    def __init__(self, shard_map):
+        self.shard_map = shard_map
+
+    def collect(self) -> Iterator:
+        up = GaugeMetricFamily("moe_replica_up", "1 when the router sends the replica traffic",
+                               labels=["shard", "replica"])
+        live = GaugeMetricFamily("moe_shard_live_replicas", "Live replicas of each shard (0: the shard is down)",
+                                 labels=["shard"])
+        for shard in self.shard_map.shards:
+            for replica in list(shard.replicas):
+                up.add_metric([shard.shard_id, replica.address], 1.0 if replica.live else 0.0)
+            live.add_metric([shard.shard_id], float(sum(r.live for r in shard.replicas)))
+        yield up
+        yield live
+
+
+class DispatchMetrics:
+    """Per shard call: latency, rows and errors by shard and replica; per layer step: dispatch time."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.shard_tokens = Counter("moe_shard_tokens", "Token rows sent to each shard", ["shard"], registry=registry)
+        self.replica_tokens = Counter("moe_replica_tokens", "Token rows sent to each replica", ["shard", "replica"],
+                                      registry=registry)
+        self.rpc_duration = Histogram("moe_shard_rpc_duration_seconds", "One shard call, send to reply",
+                                      ["shard", "replica"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.rpc_errors = Counter("moe_shard_rpc_errors", "Failed shard calls by gRPC status code",
+                                  ["shard", "replica", "code"], registry=registry)
+        self.dispatch = Histogram("moe_dispatch_duration_seconds", "One layer step's expert dispatch",
+                                  buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class EngineMetrics:
+    """Request and batch metrics, fed by the engine after every step and at every finish."""
+
+    def __init__(self, registry: CollectorRegistry):
+        def hist(name: str, doc: str, buckets=LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=registry)
+
+        self.running = Gauge("moe_requests_running", "Sequences in the running batch", registry=registry)
+        self.waiting = Gauge("moe_requests_waiting", "Sequences queued", registry=registry)
+        self.ttft = hist("moe_time_to_first_token_seconds", "Arrival to first token")
+        self.tpot = hist("moe_time_per_output_token_seconds", "Time per output token after the first")
+        self.e2e = hist("moe_e2e_request_latency_seconds", "Arrival to finish")
+        self.step_tokens = hist("moe_step_tokens", "Tokens per engine step", BATCH_BUCKETS)
+        self.prompt_tokens = Counter("moe_prompt_tokens", "Prompt tokens of requests that started generating",
+                                     registry=registry)
+        self.generation_tokens = Counter("moe_generation_tokens", "Generated tokens", registry=registry)
+        self.finished = Counter("moe_request_finished", "Finished requests by reason", ["reason"], registry=registry)
+        self.kv_usage = Gauge("moe_kv_cache_usage_ratio", "Used / total KV-cache blocks", registry=registry)
+        self.preemptions = Counter("moe_preemptions", "Sequences preempted for lack of KV cache", registry=registry)
+        self._preempted_seen = 0
+
+    def on_step(self, engine, scheduled: ScheduledStep, sampled: list[Sequence]) -> None:
+        self.step_tokens.observe(scheduled.num_tokens)
+        self.generation_tokens.inc(len(sampled))
+        for seq in sampled:
+            if len(seq.output_ids) == 1:  # prefill just completed (not counted again after a preemption)
+                self.prompt_tokens.inc(len(seq.prompt_ids))
+        self.observe_queue(engine)
+
+    def observe_queue(self, engine) -> None:
+        self.running.set(engine.num_running)
+        self.waiting.set(engine.num_waiting)
+        self.kv_usage.set(1.0 - engine.allocator.num_free / max(engine.allocator.num_blocks, 1))
+        preempted = engine.scheduler.num_preemptions
+        if preempted > self._preempted_seen:
+            self.preemptions.inc(preempted - self._preempted_seen)
+            self._preempted_seen = preempted
+
+    def on_finish(self, seq: Sequence, reason: str) -> None:
+        now = time.monotonic()
+        self.finished.labels(reason).inc()
+        self.e2e.observe(now - seq.arrival)
+        if seq.first_token_time is not None:
+            self.ttft.observe(seq.first_token_time - seq.arrival)
+            if len(seq.output_ids) > 1:
+                self.tpot.observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry per service instance (tests run several in one process), with the process metrics."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
