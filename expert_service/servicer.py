@@ -1,5 +1,9 @@
-"""The gRPC face of an expert shard. Compute runs on one worker thread so the event loop stays free
-for health checks and Describe while a large batch is being computed."""
+"""The gRPC face of an expert shard.
+
+A decode step's few rows are computed right on the event loop: handing them to a thread would cost
+more than the math. Larger batches (prefill chunks) run on one worker thread, so health checks and
+Describe stay answered while they compute.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from expert_service.shard import ExpertShard
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
 
+INLINE_ROWS = 64
+
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
@@ -19,7 +25,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         try:
-            response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+            if request.hidden.shape and request.hidden.shape[0] <= INLINE_ROWS:
+                response = self.shard.forward(request)
+            else:
+                response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
         except StatusError as exc:
             if self.metrics:
                 self.metrics.requests.labels(exc.code.name).inc()

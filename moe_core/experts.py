@@ -3,6 +3,10 @@
 Input is one layer's token rows with their (expert id, weight) pairs; output is one row per token:
 the weighted sum of the outputs of the experts this process holds. An id of -1 marks an empty
 pair slot (a row routed to fewer of this shard's experts than the widest row).
+
+Rows are grouped by expert so each expert runs one matmul over all its rows. For a decode step's
+handful of pairs the grouping is done in Python (a few dozen ints), which costs far less than the
+dozen tensor ops a vectorised grouping needs; large batches (prefill) group with tensor ops.
 """
 
 from __future__ import annotations
@@ -12,37 +16,69 @@ import torch.nn.functional as F
 
 from moe_core.weights import LayerExperts
 
+SMALL_PAIRS = 256  # at most this many (row, expert) pairs: group in Python
+
 
 class UnknownExpertError(ValueError):
     """A row names an expert this process does not hold."""
 
 
 def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x [T, H], ids [T, k] int64 (global ids, -1 = none), weights [T, k] -> [T, H] in x's dtype."""
-    t, k = ids.shape
-    flat_ids = ids.reshape(-1)
-    used = flat_ids >= 0
-    local = torch.where(used, experts.local_of[flat_ids.clamp(min=0)], torch.full_like(flat_ids, -1))
-    missing = used & (local < 0)
-    if bool(missing.any()):
-        unknown = sorted(set(flat_ids[missing].tolist()))
-        raise UnknownExpertError(f"layer {experts.layer}: experts {unknown} are not held here "
-                                 f"(held: {experts.expert_ids})")
-    rows = torch.arange(t, device=x.device).repeat_interleave(k)[used]
-    local, pair_w = local[used], weights.reshape(-1)[used]
-    order = torch.argsort(local, stable=True)
-    rows, local, pair_w = rows[order], local[order], pair_w[order]
-    counts = torch.bincount(local, minlength=len(experts.expert_ids)).tolist()
-    xs = x[rows]  # [pairs, H]: one gather, grouped by expert
+    """x [T, H], ids [T, k] int (global ids, -1 = none), weights [T, k] -> [T, H] in x's dtype."""
+    group = _group_small if ids.numel() <= SMALL_PAIRS else _group_large
+    rows, pair_w, counts = group(experts, ids, weights)  # pairs in expert order: row index, weight; pairs per expert
+    xs = x.index_select(0, rows)  # [pairs, H], grouped by expert
     ys = torch.empty(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, count in enumerate(counts):
         if count:
-            seg = xs[start:start + count]
-            gate, up = F.linear(seg, experts.gate_up[e]).chunk(2, dim=-1)
-            ys[start:start + count] = F.linear(F.silu(gate) * up, experts.down[e]).float()
+            gate, up = experts.gate_up[e](xs[start:start + count]).chunk(2, dim=-1)
+            ys[start:start + count] = experts.down[e](F.silu(gate) * up)
             start += count
-    ys.mul_(pair_w[:, None].float())
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    ys.mul_(pair_w[:, None])
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, ys)
     return out.to(x.dtype)
+
+
+def _unknown(experts: LayerExperts, ids: list[int]) -> UnknownExpertError:
+    return UnknownExpertError(f"layer {experts.layer}: experts {sorted(set(ids))} are not held here "
+                              f"(held: {experts.expert_ids})")
+
+
+def _group_small(experts: LayerExperts, ids: torch.Tensor, weights: torch.Tensor):
+    k = ids.shape[1]
+    local_of = experts.local_of.tolist()
+    flat_ids, flat_w = ids.reshape(-1).tolist(), weights.reshape(-1)
+    groups: list[list[int]] = [[] for _ in experts.expert_ids]  # pair positions per local expert
+    missing = []
+    for position, expert in enumerate(flat_ids):
+        if expert < 0:
+            continue
+        if expert >= len(local_of) or local_of[expert] < 0:
+            missing.append(expert)
+            continue
+        groups[local_of[expert]].append(position)
+    if missing:
+        raise _unknown(experts, missing)
+    positions = [p for group in groups for p in group]
+    index = torch.tensor(positions, dtype=torch.int64, device=ids.device)
+    return (torch.div(index, k, rounding_mode="floor"), flat_w.index_select(0, index).float(),
+            [len(group) for group in groups])
+
+
+def _group_large(experts: LayerExperts, ids: torch.Tensor, weights: torch.Tensor):
+    t, k = ids.shape
+    flat_ids = ids.reshape(-1).long()
+    used = flat_ids >= 0
+    known = len(experts.local_of)
+    local = torch.where(used & (flat_ids < known), experts.local_of[flat_ids.clamp(0, known - 1)],
+                        torch.full_like(flat_ids, -1))
+    missing = used & (local < 0)
+    if bool(missing.any()):
+        raise _unknown(experts, flat_ids[missing].tolist())
+    rows = torch.arange(t, device=ids.device).repeat_interleave(k)[used]
+    local, pair_w = local[used], weights.reshape(-1)[used]
+    order = torch.argsort(local, stable=True)
+    counts = torch.bincount(local, minlength=len(experts.expert_ids)).tolist()
+    return rows[order], pair_w[order].float(), counts

@@ -1,14 +1,17 @@
 """One model step over a flat batch of token rows: decode rows first, then prefill chunks.
 
-The routed experts are a callable handed in (`ExpertFn`), so the same step runs with experts in
-this process or on expert services; the rest is the dense math of `model.py` and the paged
-attention of `attention.py`.
+The step is written as a generator (`layer_program`) that yields each MoE layer's expert call and
+receives its output, so the routed experts can run anywhere: `forward_step` answers every call at
+once (experts in this process, or one blocking round trip), and `forward_overlapped` interleaves
+two micro-batches so that one's attention runs while the other's experts are in flight. The rest
+is the dense math of `model.py` and the paged attention of `attention.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -52,9 +55,25 @@ class StepBatch:
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
 
 
-def forward_step(model: DenseModel, kv: list[KvLayer], block_size: int, batch: StepBatch,
-                 experts: ExpertFn) -> torch.Tensor:
-    """Run every layer over the batch, fill the KV cache, return float32 logits [len(logit_rows), V]."""
+@dataclass
+class ExpertCall:
+    """One MoE layer's routed-expert work: rows [T, H], gate weights [T, k] float32, expert ids [T, k]."""
+
+    layer: int
+    x: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+class ExpertHandle(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+Program = Generator[ExpertCall, torch.Tensor, torch.Tensor]
+
+
+def layer_program(model: DenseModel, kv: list[KvLayer], block_size: int, batch: StepBatch) -> Program:
+    """Every layer over the batch, filling the KV cache; yields expert calls; returns float32 logits."""
     eps = model.cfg.rms_norm_eps
     h = model.weights.embed[batch.token_ids]  # [T, H]
     cos, sin = model.rotary.cos_sin(batch.positions, model.dtype)
@@ -62,8 +81,54 @@ def forward_step(model: DenseModel, kv: list[KvLayer], block_size: int, batch: S
         x = rms_norm(h, layer.input_norm, eps)
         h = h + attention_block(model, index, layer, x, cos, sin, kv[index], block_size, batch)
         x = rms_norm(h, layer.post_norm, eps)
-        h = h + mlp_block(model, index, layer, x, experts)
+        if layer.mlp is not None:
+            h = h + swiglu(x, layer.mlp)
+            continue
+        weights, ids = route(model.cfg, layer.router, x)
+        out = yield ExpertCall(index, x, weights, ids)
+        if layer.shared is not None:
+            out = out + shared_expert(layer, x)
+        h = h + out
     return lm_logits(model, h if batch.logit_rows is None else h[batch.logit_rows])
+
+
+def forward_step(model: DenseModel, kv: list[KvLayer], block_size: int, batch: StepBatch,
+                 experts: ExpertFn) -> torch.Tensor:
+    """Run every layer over the batch, fill the KV cache, return float32 logits [len(logit_rows), V]."""
+    program = layer_program(model, kv, block_size, batch)
+    try:
+        call = next(program)
+        while True:
+            call = program.send(experts(call.layer, call.x, call.weights, call.ids))
+    except StopIteration as done:
+        return done.value
+
+
+def forward_overlapped(programs: list[Program], submit: Callable[[ExpertCall], ExpertHandle]) -> list[torch.Tensor]:
+    """Run micro-batch programs round-robin: while one's experts are in flight, the next one computes.
+
+    With two programs A and B: A's attention, submit A; B's attention, submit B; wait A, A's next
+    layer up to its experts, submit A; wait B, ... The network time of one hides behind the other's
+    compute (the two-batch overlap of MegaScale-Infer and DeepSeek's inference system).
+    """
+    results: list[torch.Tensor | None] = [None] * len(programs)
+    handles: list[ExpertHandle | None] = []
+    for program in programs:
+        handles.append(_advance(program, None, submit, results, len(handles)))
+    while any(h is not None for h in handles):
+        for i, program in enumerate(programs):
+            if handles[i] is not None:
+                handles[i] = _advance(program, handles[i].result(), submit, results, i)
+    return results  # type: ignore[return-value]
+
+
+def _advance(program: Program, value: torch.Tensor | None, submit, results: list, index: int) -> ExpertHandle | None:
+    try:
+        call = program.send(value) if value is not None else next(program)
+    except StopIteration as done:
+        results[index] = done.value
+        return None
+    return submit(call)
 
 
 def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.Tensor, cos: torch.Tensor,
@@ -86,16 +151,6 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
             keys, values = cache_k[chunk.context_slots], cache_v[chunk.context_slots]
         out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window)
     return output_projection(layer.attn, out)
-
-
-def mlp_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
-    if layer.mlp is not None:
-        return swiglu(x, layer.mlp)
-    weights, ids = route(model.cfg, layer.router, x)
-    out = experts(index, x, weights, ids)
-    if layer.shared is not None:
-        out = out + shared_expert(layer, x)
-    return out
 
 
 def sequence_logits(model: DenseModel, experts: ExpertFn, token_ids: list[int]) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_core.config import MoeConfig
+from moe_core.linear import Linear
 from moe_core.rope import Rotary, apply_rotary
 from moe_core.weights import Attention, DenseLayer, DenseWeights, Mlp
 
@@ -47,15 +48,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, mlp: Mlp) -> torch.Tensor:
-    gate, up = F.linear(x, mlp.gate_up).chunk(2, dim=-1)  # [T, I] each
-    return F.linear(F.silu(gate) * up, mlp.down)
+    gate, up = mlp.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+    return mlp.down(F.silu(gate) * up)
 
 
 def project_qkv(cfg: MoeConfig, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H] -> q [T, heads, D], k and v [T, kv_heads, D], normed, clipped and rotated per family."""
     t, d, eps = x.shape[0], cfg.head_dim, cfg.rms_norm_eps
-    q, k, v = F.linear(x, attn.qkv, attn.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q, k, v = attn.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     if cfg.qk_norm == "full":  # OLMoE: one norm over the whole projection
         q, k = rms_norm(q, attn.q_norm, eps), rms_norm(k, attn.k_norm, eps)
     if cfg.clip_qkv is not None:
@@ -69,12 +70,12 @@ def project_qkv(cfg: MoeConfig, attn: Attention, x: torch.Tensor, cos: torch.Ten
 
 def output_projection(attn: Attention, o: torch.Tensor) -> torch.Tensor:
     """o [T, heads, D] -> [T, H]."""
-    return F.linear(o.reshape(o.shape[0], -1), attn.o, attn.o_bias)
+    return attn.o(o.reshape(o.shape[0], -1))
 
 
-def route(cfg: MoeConfig, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route(cfg: MoeConfig, router: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate -> (weights [T, k] float32, expert ids [T, k] int64): softmax, top-k, renormalise if asked."""
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, experts]
+    probs = torch.softmax(router(x).float(), dim=-1)  # [T, experts]
     weights, ids = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -83,10 +84,10 @@ def route(cfg: MoeConfig, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.
 
 def shared_expert(layer: DenseLayer, x: torch.Tensor) -> torch.Tensor:
     """Qwen2-MoE's always-on expert, scaled by its own sigmoid gate."""
-    return torch.sigmoid(F.linear(x, layer.shared_gate)) * swiglu(x, layer.shared)
+    return torch.sigmoid(layer.shared_gate(x)) * swiglu(x, layer.shared)
 
 
 def lm_logits(model: DenseModel, h: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head for the rows that need a next token; logits in float32."""
     w = model.weights
-    return F.linear(rms_norm(h, w.final_norm, model.cfg.rms_norm_eps), w.lm_head).float()
+    return w.lm_head(rms_norm(h, w.final_norm, model.cfg.rms_norm_eps)).float()

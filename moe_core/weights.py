@@ -18,22 +18,21 @@ from tqdm import tqdm
 from moe_core.checkpoint import Checkpoint
 from moe_core.config import MoeConfig
 from moe_core.errors import CheckpointError
+from moe_core.linear import Linear
 
 PROGRESS_MIN_BYTES = 256 * 2**20
 
 
 @dataclass
 class Mlp:
-    gate_up: torch.Tensor  # [2 * I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Linear  # [2 * I, H]: gate and up projections fused
+    down: Linear  # [H, I]
 
 
 @dataclass
 class Attention:
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, H]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [H, heads * head_dim]
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, H], with the q/k/v biases where the family has them
+    o: Linear  # [H, heads * head_dim]
     q_norm: torch.Tensor | None  # [head_dim] ("head") or [heads * head_dim] ("full")
     k_norm: torch.Tensor | None
 
@@ -43,9 +42,9 @@ class DenseLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     attn: Attention
-    router: torch.Tensor | None = None  # [experts, H] on MoE layers
+    router: Linear | None = None  # [experts, H] on MoE layers
     shared: Mlp | None = None
-    shared_gate: torch.Tensor | None = None  # [1, H]
+    shared_gate: Linear | None = None  # [1, H]
     mlp: Mlp | None = None  # dense layers only
 
 
@@ -54,17 +53,17 @@ class DenseWeights:
     embed: torch.Tensor  # [V, H]
     layers: list[DenseLayer]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor  # [V, H]
+    lm_head: Linear  # [V, H]
 
 
 @dataclass
 class LayerExperts:
-    """The experts of one layer that one process holds, stacked for grouped compute."""
+    """The experts of one layer that one process holds."""
 
     layer: int
     expert_ids: list[int]
-    gate_up: torch.Tensor  # [local experts, 2 * I, H]
-    down: torch.Tensor  # [local experts, H, I]
+    gate_up: list[Linear]  # per local expert: [2 * I, H]
+    down: list[Linear]  # per local expert: [H, I]
     local_of: torch.Tensor  # [num_experts] int64: local index, or -1 where not held here
 
 
@@ -106,9 +105,9 @@ def load_dense(ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, device: str
     if cfg.tie_word_embeddings or n.lm_head not in ckpt:
         if not cfg.tie_word_embeddings:
             raise CheckpointError(f"{ckpt.dir}: tensor '{n.lm_head}' not found and tie_word_embeddings is false")
-        lm_head = embed
+        lm_head = Linear(embed)
     else:
-        lm_head = read(n.lm_head, (cfg.vocab_size, h))
+        lm_head = Linear(read(n.lm_head, (cfg.vocab_size, h)))
     layers = [_load_layer(read, cfg, layer) for layer in range(cfg.num_hidden_layers)]
     final_norm = read(n.final_norm, (h,))
     read.close()
@@ -123,11 +122,11 @@ def _load_layer(read: _Reader, cfg: MoeConfig, layer: int) -> DenseLayer:
         attn=_load_attention(read, cfg, layer),
     )
     if cfg.is_moe_layer(layer):
-        dense.router = read(n.router_gate(layer), (cfg.num_experts, h))
+        dense.router = Linear(read(n.router_gate(layer), (cfg.num_experts, h)))
         if cfg.shared_expert_intermediate_size:
             size = cfg.shared_expert_intermediate_size
             dense.shared = _load_mlp(read, lambda p: n.shared_expert(layer, p), size, h)
-            dense.shared_gate = read(n.shared_expert_gate(layer), (1, h))
+            dense.shared_gate = Linear(read(n.shared_expert_gate(layer), (1, h)))
     else:
         dense.mlp = _load_mlp(read, lambda p: n.mlp(layer, p), cfg.intermediate_size, h)
     return dense
@@ -147,20 +146,16 @@ def _load_attention(read: _Reader, cfg: MoeConfig, layer: int) -> Attention:
     if norm_sizes:
         q_norm = read(n.attn(layer, "q_norm"), (norm_sizes[0],))
         k_norm = read(n.attn(layer, "k_norm"), (norm_sizes[1],))
-    return Attention(
-        qkv=torch.cat([q, k, v]),
-        qkv_bias=bias,
-        o=read(n.attn(layer, "o_proj"), (h, cfg.q_size)),
-        o_bias=read(n.attn(layer, "o_proj", "bias"), (h,)) if cfg.o_bias else None,
-        q_norm=q_norm,
-        k_norm=k_norm,
-    )
+    o_bias = read(n.attn(layer, "o_proj", "bias"), (h,)) if cfg.o_bias else None
+    return Attention(qkv=Linear(torch.cat([q, k, v]), bias), o=Linear(read(n.attn(layer, "o_proj"), (h, cfg.q_size)),
+                                                                      o_bias),
+                     q_norm=q_norm, k_norm=k_norm)
 
 
 def _load_mlp(read: _Reader, name, size: int, h: int) -> Mlp:
     gate = read(name("gate_proj"), (size, h))
     up = read(name("up_proj"), (size, h))
-    return Mlp(gate_up=torch.cat([gate, up]), down=read(name("down_proj"), (h, size)))
+    return Mlp(gate_up=Linear(torch.cat([gate, up])), down=Linear(read(name("down_proj"), (h, size))))
 
 
 def all_expert_pairs(cfg: MoeConfig) -> list[tuple[int, int]]:
@@ -191,14 +186,13 @@ def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int
     fused = n.fused_experts(layer, "gate_up_proj") in read.ckpt and n.expert(layer, ids[0], 0) not in read.ckpt
     for e in ids:
         if fused:
-            gate_ups.append(read(n.fused_experts(layer, "gate_up_proj"), (2 * size, h), index=e))
-            downs.append(read(n.fused_experts(layer, "down_proj"), (h, size), index=e))
+            gate_up = read(n.fused_experts(layer, "gate_up_proj"), (2 * size, h), index=e)
+            down = read(n.fused_experts(layer, "down_proj"), (h, size), index=e)
         else:
-            gate = read(n.expert(layer, e, 0), (size, h))
-            up = read(n.expert(layer, e, 1), (size, h))
-            gate_ups.append(torch.cat([gate, up]))
-            downs.append(read(n.expert(layer, e, 2), (h, size)))
+            gate_up = torch.cat([read(n.expert(layer, e, 0), (size, h)), read(n.expert(layer, e, 1), (size, h))])
+            down = read(n.expert(layer, e, 2), (h, size))
+        gate_ups.append(Linear(gate_up))
+        downs.append(Linear(down))
     local_of = torch.full((cfg.num_experts,), -1, dtype=torch.int64)
     local_of[ids] = torch.arange(len(ids))
-    return LayerExperts(layer=layer, expert_ids=list(ids), gate_up=torch.stack(gate_ups),
-                        down=torch.stack(downs), local_of=local_of.to(device))
+    return LayerExperts(layer=layer, expert_ids=list(ids), gate_up=gate_ups, down=downs, local_of=local_of.to(device))

@@ -1,7 +1,8 @@
 """Where routed experts run. The engine calls one interface; the backend decides where the math happens.
 
 `LocalExperts` runs them in this process (one-process serving, benchmarks, tests). The distributed
-backend implements the same interface over gRPC to expert services.
+backend (`grpc_experts.GrpcExperts`) implements the same interface over gRPC; its `submit` returns
+before the shards answer, which lets the engine overlap two micro-batches.
 """
 
 from __future__ import annotations
@@ -11,13 +12,32 @@ from abc import ABC, abstractmethod
 import torch
 
 from moe_core.experts import expert_forward
+from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.weights import LayerExperts
 
 
+class Done:
+    """A handle whose result is already there."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
 class ExpertBackend(ABC):
+    overlaps = False  # True when submit() returns while the experts are still computing
+
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights [T, k] float32, ids [T, k] int64 -> weighted sum of expert outputs [T, H]."""
+
+    def submit(self, call: ExpertCall) -> ExpertHandle:
+        """Start one layer's expert work; the handle's result() is forward()'s answer."""
+        return Done(self.forward(call.layer, call.x, call.weights, call.ids))
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.forward(layer, x, weights, ids)

@@ -21,6 +21,7 @@ import torch
 from moe_core import codec
 from moe_core.config import MoeConfig
 from moe_core.errors import UnavailableError
+from moe_core.forward import ExpertCall
 from moe_core.pb import expert_pb2
 from moe_core.rpc import StatusError
 from router_service.expert_backend import ExpertBackend
@@ -42,7 +43,28 @@ class DispatchStats:
     rows_sent: dict[str, torch.Tensor] = field(default_factory=dict)  # shard -> [layers, experts] rows
 
 
+class _Pending:
+    """A layer step in flight; result() waits for every shard and adds their partial sums."""
+
+    __slots__ = ("backend", "future", "layer", "parts", "started", "x")
+
+    def __init__(self, backend: GrpcExperts, layer: int, x: torch.Tensor, parts: list[Part], future, started: float):
+        self.backend, self.layer, self.x, self.parts = backend, layer, x, parts
+        self.future, self.started = future, started
+
+    def result(self) -> torch.Tensor:
+        responses = self.future.result()
+        x = self.x
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for part, response in zip(self.parts, responses, strict=True):
+            out.index_add_(0, part.rows.to(x.device), codec.decode(response.output, "output").to(x.device).float())
+        self.backend._account(self.layer, self.parts, responses, time.perf_counter() - self.started)
+        return out.to(x.dtype)
+
+
 class GrpcExperts(ExpertBackend):
+    overlaps = True
+
     def __init__(self, cfg: MoeConfig, shard_map: ShardMap, revision: str, loop: asyncio.AbstractEventLoop,
                  rpc_timeout_s: float = 30.0, metrics: DispatchMetrics | None = None):
         self.cfg, self.map, self.revision, self.loop = cfg, shard_map, revision, loop
@@ -53,17 +75,16 @@ class GrpcExperts(ExpertBackend):
         self._lock = threading.Lock()
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.submit(ExpertCall(layer, x, weights, ids)).result()
+
+    def submit(self, call: ExpertCall) -> _Pending:
         if _running_loop() is self.loop:
-            raise RuntimeError("GrpcExperts.forward must run off the event loop's thread (it blocks on it)")
+            raise RuntimeError("GrpcExperts must be called off the event loop's thread (it blocks on it)")
         started = time.perf_counter()
-        parts = self.map.split(layer, ids, weights)
-        requests = [self._request(layer, x, part) for part in parts]
-        responses = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop).result()
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for part, response in zip(parts, responses, strict=True):
-            out.index_add_(0, part.rows.to(x.device), codec.decode(response.output, "output").to(x.device).float())
-        self._account(layer, parts, responses, time.perf_counter() - started)
-        return out.to(x.dtype)
+        parts = self.map.split(call.layer, call.ids, call.weights)
+        requests = [self._request(call.layer, call.x, part) for part in parts]
+        future = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop)
+        return _Pending(self, call.layer, call.x, parts, future, started)
 
     def _request(self, layer: int, x: torch.Tensor, part: Part) -> expert_pb2.ExpertRequest:
         return expert_pb2.ExpertRequest(model_revision=self.revision, layer=layer,

@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from moe_core.config import MoeConfig
+from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from router_service.engine.scheduler import ScheduledStep
 from router_service.engine.sequence import Sequence
@@ -75,10 +76,15 @@ class RoutingRecorder(ExpertBackend):
 
     def __init__(self, inner: ExpertBackend, stats: RoutingStats):
         self.inner, self.stats = inner, stats
+        self.overlaps = inner.overlaps
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         self.stats.record(layer, ids)
         return self.inner.forward(layer, x, weights, ids)
+
+    def submit(self, call: ExpertCall) -> ExpertHandle:
+        self.stats.record(call.layer, call.ids)
+        return self.inner.submit(call)
 
     def close(self) -> None:
         self.inner.close()

@@ -48,11 +48,16 @@ class CountingExperts(ExpertBackend):
 
     def __init__(self, inner: ExpertBackend, layers: int, experts: int):
         self.inner = inner
+        self.overlaps = inner.overlaps  # keep the engine's micro-batch overlap when the inner backend has it
         self.decisions = torch.zeros(layers, experts, dtype=torch.int64)
 
     def forward(self, layer, x, weights, ids):
         self.decisions[layer] += torch.bincount(ids.reshape(-1), minlength=self.decisions.shape[1])
         return self.inner.forward(layer, x, weights, ids)
+
+    def submit(self, call):
+        self.decisions[call.layer] += torch.bincount(call.ids.reshape(-1), minlength=self.decisions.shape[1])
+        return self.inner.submit(call)
 
 
 class LoopThread:

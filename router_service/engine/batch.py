@@ -50,3 +50,18 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
     batch.slots = torch.cat(slots).to(device)
     batch.logit_rows = torch.tensor(logit_rows, dtype=torch.int64, device=device)
     return batch, sample
+
+
+def split_step(step: ScheduledStep) -> list[ScheduledStep]:
+    """Two micro-batches of about equal tokens (decodes halved, prefill chunks to the lighter side).
+
+    A step with one sequence stays whole: there is nothing to overlap it with.
+    """
+    if len(step.decodes) + len(step.prefills) < 2:
+        return [step]
+    halves = [ScheduledStep(), ScheduledStep()]
+    middle = (len(step.decodes) + 1) // 2
+    halves[0].decodes, halves[1].decodes = step.decodes[:middle], step.decodes[middle:]
+    for seq, n in sorted(step.prefills, key=lambda p: -p[1]):
+        min(halves, key=lambda h: h.num_tokens).prefills.append((seq, n))
+    return [h for h in halves if not h.empty]

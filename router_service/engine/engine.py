@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_core.errors import CapacityError, MoeServeError, RequestError, UnavailableError
-from moe_core.forward import forward_step
+from moe_core.forward import forward_overlapped, forward_step, layer_program
 from moe_core.model import DenseModel
 from moe_core.tokenizer import IncrementalDetokenizer, Tokenizer
-from router_service.engine.batch import build_batch
+from router_service.engine.batch import build_batch, split_step
 from router_service.engine.kv_cache import BlockAllocator, KvCache
 from router_service.engine.params import SamplingParams
 from router_service.engine.sampler import Sampler
@@ -30,6 +30,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache
     seed: int | None = None  # of the engine's generator for unseeded requests
+    overlap: bool = True  # with a remote expert backend, run two micro-batches so network time hides
 
 
 @dataclass
@@ -147,10 +148,9 @@ class Engine:
         self.last_step_tokens = scheduled.num_tokens
         if scheduled.empty:
             return []
-        batch, to_sample = build_batch(scheduled, self.kv.block_size, self.model.device)
         try:
             with torch.inference_mode():
-                logits = forward_step(self.model, self.kv.layers, self.kv.block_size, batch, self.experts)
+                logits, to_sample = self._forward(scheduled)
                 tokens, logprobs = self.sampler(logits, to_sample)
         except Exception as exc:
             seqs = scheduled.decodes + [s for s, _ in scheduled.prefills]
@@ -162,6 +162,18 @@ class Engine:
         outputs = [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
         self.observer.on_step(self, scheduled, to_sample)
         return outputs
+
+    def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, list[Sequence]]:
+        """Logits of the sequences to sample, in order; two overlapped micro-batches when that hides dispatch."""
+        bs, device = self.kv.block_size, self.model.device
+        parts = split_step(scheduled) if self.config.overlap and self.experts.overlaps else [scheduled]
+        batches = [build_batch(part, bs, device) for part in parts]
+        if len(batches) == 1:
+            batch, to_sample = batches[0]
+            return forward_step(self.model, self.kv.layers, bs, batch, self.experts), to_sample
+        programs = [layer_program(self.model, self.kv.layers, bs, batch) for batch, _ in batches]
+        logits = torch.cat(forward_overlapped(programs, self.experts.submit))
+        return logits, [seq for _, to_sample in batches for seq in to_sample]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         now = time.monotonic()

@@ -160,3 +160,37 @@ def test_expert_failure_ends_requests_cleanly(parts):
     failing.fail = False
     prompt = prompts(1)[0]
     assert tokens(drain(engine, {0: [(prompt, GREEDY)]}).popitem()[1]) == solo(parts, prompt)
+
+
+class DeferredExperts(LocalExperts):
+    """Answers each submit only when its result is asked for, as a remote backend does."""
+
+    overlaps = True
+
+    def __init__(self, inner: LocalExperts):
+        super().__init__(inner.experts)
+        self.submitted = 0
+
+    def submit(self, call):
+        self.submitted += 1
+        outer = self
+
+        class Later:
+            def result(self):
+                return outer.forward(call.layer, call.x, call.weights, call.ids)
+
+        return Later()
+
+
+def test_overlapped_micro_batches_compute_the_same(parts):
+    model, experts = parts
+    deferred = DeferredExperts(experts)
+    requests = prompts(6, seed=8)
+    overlapped = Engine(model, deferred, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4))
+    step, steps = overlapped.step, []
+    overlapped.step = lambda: steps.append(1) or step()
+    results = list(drain(overlapped, {0: [(p, GREEDY) for p in requests[:4]], 3: [(p, GREEDY) for p in requests[4:]]})
+                   .values())
+    assert [tokens(r) for r in results] == [solo(parts, p) for p in requests]
+    # Every step with two or more sequences went out as two micro-batches: two calls per MoE layer.
+    assert deferred.submitted > 1.8 * len(steps) * len(model.cfg.moe_layers)
