@@ -20,6 +20,7 @@ from gateway.router_client import RouterPool
 from gateway.server import GatewayServer, bind, write_ready_file
 from gateway.settings import GatewaySettings
 from moe_core.errors import TokenizerError
+from moe_core.lifecycle import die_with_parent
 from moe_core.pb import router_pb2
 from moe_core.settings import parse_settings
 from moe_core.tokenizer import Tokenizer
@@ -28,6 +29,7 @@ log = logging.getLogger("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     settings = parse_settings(GatewaySettings, argv, prog="python -m gateway")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moe_core.metrics import LATENCY_BUCKETS
+from moe_core.metrics import LATENCY_BUCKETS  # also turns off the `_created` series
 
 
 class GatewayMetrics:
@@ -36,7 +36,7 @@ class MetricsMiddleware:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") == "/metrics":  # scrapes are not traffic
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500

@@ -28,8 +28,6 @@ from moe_core.model import (
 )
 from moe_core.weights import DenseLayer
 
-# (layer, rows [T, H], weights [T, k] float32, expert ids [T, k]) -> weighted expert sum [T, H]
-ExpertFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 KvLayer = tuple[torch.Tensor, torch.Tensor]  # flat [slots, kv_heads, D] key and value pools
 
 
@@ -63,6 +61,7 @@ class ExpertCall:
     x: torch.Tensor
     weights: torch.Tensor
     ids: torch.Tensor
+    num_decode: int = 0  # rows [0, num_decode) are decode tokens, the rest prompt tokens
 
 
 class ExpertHandle(Protocol):
@@ -70,6 +69,7 @@ class ExpertHandle(Protocol):
 
 
 Program = Generator[ExpertCall, torch.Tensor, torch.Tensor]
+ExpertFn = Callable[[ExpertCall], torch.Tensor]  # one layer's expert call -> weighted expert sum [T, H]
 
 
 def layer_program(model: DenseModel, kv: list[KvLayer], block_size: int, batch: StepBatch) -> Program:
@@ -85,7 +85,7 @@ def layer_program(model: DenseModel, kv: list[KvLayer], block_size: int, batch: 
             h = h + swiglu(x, layer.mlp)
             continue
         weights, ids = route(model.cfg, layer.router, x)
-        out = yield ExpertCall(index, x, weights, ids)
+        out = yield ExpertCall(index, x, weights, ids, batch.num_decode)
         if layer.shared is not None:
             out = out + shared_expert(layer, x)
         h = h + out
@@ -99,7 +99,7 @@ def forward_step(model: DenseModel, kv: list[KvLayer], block_size: int, batch: S
     try:
         call = next(program)
         while True:
-            call = program.send(experts(call.layer, call.x, call.weights, call.ids))
+            call = program.send(experts(call))
     except StopIteration as done:
         return done.value
 

@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the built-in demo model (if needed) and print its folder")
     demo_cmd.add_arguments(demo)
     demo.set_defaults(run=demo_cmd.run)
+    from moe_serve import health
+    from moe_serve.deploy import cli as deploy_cli
+    check = sub.add_parser("health", help="check a service's health (gRPC health or HTTP), for container probes")
+    health.add_arguments(check)
+    check.set_defaults(run=health.run)
+    deploy = sub.add_parser("deploy", help="render Kubernetes manifests or a compose file from a placement")
+    deploy_cli.add_arguments(deploy)
+    deploy.set_defaults(run=deploy_cli.run)
     return parser
 
 

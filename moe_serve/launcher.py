@@ -3,8 +3,6 @@ ready (it writes a ready file with its port), and stop everything cleanly."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from moe_core.errors import MoeServeError
+from moe_core.lifecycle import PARENT_ENV
 
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
@@ -24,12 +23,6 @@ RESET = "\033[0m"
 
 class LaunchError(MoeServeError):
     """A service did not start (it exited, or never became ready)."""
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the launcher dies, so no orphaned services stay behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -61,11 +54,16 @@ class ProcessGroup:
         log_path = self.run_dir / f"{service.name.replace(' ', '-')}.log"
         service.process = subprocess.Popen(
             service.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_die_with_parent)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()), **(env or {})})
         color = COLORS[len(self.services) % len(COLORS)] if self.color else ""
         threading.Thread(target=self._pump, args=(service, log_path, color), daemon=True).start()
         self.services.append(service)
         return service
+
+    def adopt(self, service: Service, process: subprocess.Popen) -> None:
+        """Supervise and stop a process started elsewhere (its output already goes to its own log)."""
+        service.process = process
+        self.services.append(service)
 
     def _pump(self, service: Service, log_path: Path, color: str) -> None:
         prefix = f"{color}{service.name:>12} |{RESET if color else ''} "

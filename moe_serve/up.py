@@ -23,6 +23,7 @@ from moe_core.config import load_config
 from moe_core.demo import ensure_demo_model
 from moe_core.placement import ShardSpec, even_split, load_placement, write_placement
 from moe_serve.launcher import LaunchError, ProcessGroup, Service
+from moe_serve.prometheus import start_prometheus
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-threads", type=int, default=0, help="torch threads per router (0: all cores)")
     p.add_argument("--expert-threads", type=int, default=0,
                    help="torch threads per expert service (0: cores divided among the shards)")
+    p.add_argument("--cache", choices=["off", "local", "redis"], default=None,
+                   help="expert-output cache (default: redis with --redis, else off)")
+    p.add_argument("--redis", metavar="URL", help="Redis for the expert-output cache, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--rpc-timeout-s", type=float, default=30.0, help="deadline of one router -> shard call")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for services to start")
+    p.add_argument("--prometheus", nargs="?", const=0, type=int, metavar="PORT",
+                   help="also run Prometheus (the `prometheus` binary) scraping the cluster, on PORT (default: free)")
     p.add_argument("--ask", metavar="PROMPT", help="once the cluster is up, ask it this (a streamed completion)")
     p.add_argument("--max-tokens", type=int, default=48, help="with --ask: tokens to generate")
     p.add_argument("--exit-after-ask", action="store_true", help="with --ask: stop the cluster after the answer")
@@ -79,13 +85,20 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
     for i in range(args.routers):
         ready = args.run_dir / f"router-{i}.ready"
         experts = ["--placement", str(placement)] if placement else ["--experts", "local"]
-        argv = _python("router_service", "--model", str(model), *experts, "--host", args.host, "--port", "0",
-                       "--metrics-port", "0",
+        argv = _python("router_service", "--model", str(model), *experts, *_cache_flags(args), "--host", args.host,
+                       "--port", "0", "--metrics-port", "0",
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
                        "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s))
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i})))
     return services
+
+
+def _cache_flags(args) -> list[str]:
+    mode = args.cache or ("redis" if args.redis else "off")
+    if mode == "redis" and not args.redis:
+        raise LaunchError("--cache redis needs --redis URL (e.g. --redis redis://127.0.0.1:6379/0)")
+    return ["--cache", mode, *(["--redis-url", args.redis] if args.redis else [])]
 
 
 def start_gateway(group: ProcessGroup, args, model: Path, routers: list[Service]) -> Service:
@@ -118,6 +131,11 @@ def write_cluster_file(args, model: Path, group: ProcessGroup, gateway: Service)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        _cache_flags(args)
+    except LaunchError as exc:
+        print(f"moe-serve up: {exc}", file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else ensure_demo_model()
     args.run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="moe-serve-"))
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +159,13 @@ def run(args: argparse.Namespace) -> int:
         gateway = start_gateway(group, args, model, routers)
         group.wait_ready([gateway], args.ready_timeout_s)
         cluster = write_cluster_file(args, model, group, gateway)
+        if args.prometheus is not None:
+            info = json.loads(cluster.read_text())
+            prometheus, url = start_prometheus(args.run_dir, info, args.prometheus)
+            group.adopt(Service("prometheus", "prometheus", [], args.run_dir / "prometheus.ready", {"url": url}),
+                        prometheus)
+            cluster.write_text(json.dumps({**info, "prometheus_url": url}, indent=2) + "\n")
+            print(f"Prometheus: {url}  (dashboards: deploy/grafana, see docs/observability.md)", flush=True)
         _announce(gateway, args, model, cluster)
         if args.ask:
             ask(f"http://{args.host}:{gateway.port}/v1", model.resolve().name, args.ask, args.max_tokens)
@@ -191,6 +216,6 @@ def _supervise(group: ProcessGroup, stop: threading.Event) -> int:
                 continue
             reported.add(service.name)
             print(f"moe-serve up: {service.name} exited with status {service.process.returncode}", flush=True)
-            if service.role != "expert":
+            if service.role not in ("expert", "prometheus"):  # the cluster still serves without these
                 return 1
     return 0

@@ -6,12 +6,14 @@ import logging
 import sys
 
 from moe_core.errors import MoeServeError
+from moe_core.lifecycle import die_with_parent
 from moe_core.settings import parse_settings
 from router_service.server import run
 from router_service.settings import RouterSettings
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     settings = parse_settings(RouterSettings, argv, prog="python -m router_service")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

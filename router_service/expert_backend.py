@@ -39,8 +39,8 @@ class ExpertBackend(ABC):
         """Start one layer's expert work; the handle's result() is forward()'s answer."""
         return Done(self.forward(call.layer, call.x, call.weights, call.ids))
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(layer, x, weights, ids)
+    def __call__(self, call: ExpertCall) -> torch.Tensor:
+        return self.submit(call).result()
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release connections or threads the backend holds."""

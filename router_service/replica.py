@@ -83,6 +83,7 @@ class Replica:
         self._channel: grpc.aio.Channel | None = None  # made on first use, inside the event loop
         self.live = False
         self.outstanding = 0
+        self.last_pick = 0  # the shard's pick counter when this replica was last chosen
         self.last_error = ""
         self._stream: _Stream | None = None
 

@@ -21,6 +21,8 @@ from moe_core.revision import model_revision
 from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
 from moe_core.tokenizer import Tokenizer
 from moe_core.weights import load_experts
+from router_service.cache import CacheConfig
+from router_service.cached_experts import CachedExperts
 from router_service.discovery import ReplicaSet, discover, monitor
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.loop import EngineLoop
@@ -62,6 +64,12 @@ def shard_addresses(settings: RouterSettings, cfg) -> dict[str, list[str]]:
     return settings.shard_addresses()
 
 
+def cache_config(settings: RouterSettings) -> CacheConfig:
+    return CacheConfig(mode=settings.cache, redis_url=settings.redis_url, ttl_s=settings.cache_ttl_s,
+                       local_bytes=settings.cache_local_mib << 20, phases=settings.cache_phases,
+                       prefix=settings.cache_prefix, redis_timeout_s=settings.cache_redis_timeout_ms / 1000)
+
+
 def engine_config(settings: RouterSettings) -> EngineConfig:
     return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_mib << 20,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -89,6 +97,9 @@ async def build_router(settings: RouterSettings) -> Router:
         registry.register(ShardHealth(shard_map))
         experts = grpc_experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(),
                                              settings.rpc_timeout_s, DispatchMetrics(registry))
+    cache = cache_config(settings)
+    if cache.enabled:
+        experts = CachedExperts(experts, cache, revision, registry)
     engine = Engine(model, RoutingRecorder(experts, routing), _tokenizer(settings.model), engine_config(settings),
                     EngineMetrics(registry))
     return Router(engine, revision, registry, routing, shard_map, replica_sets, grpc_experts)
@@ -133,6 +144,7 @@ async def serve(settings: RouterSettings) -> None:
         await watcher
     if router.grpc_experts:
         await router.grpc_experts.aclose()
+    engine.experts.close()
 
 
 def run(settings: RouterSettings) -> None:

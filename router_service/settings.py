@@ -33,6 +33,14 @@ class RouterSettings:
     rpc_timeout_s: float = setting(30.0, "deadline of one call to an expert shard")
     health_interval_s: float = setting(1.0, "how often replicas are health-checked (and down ones probed)")
     connect_timeout_s: float = setting(120.0, "how long to wait at start for every shard to answer")
+    cache: str = setting("off", "expert-output cache: off, local (in-process LRU), redis (LRU in front of Redis)",
+                         choices=["off", "local", "redis"])
+    redis_url: str | None = setting(None, "Redis for --cache redis, e.g. redis://127.0.0.1:6379/0")
+    cache_local_mib: int = setting(256, "bytes the in-process cache may hold, in MiB")
+    cache_ttl_s: int = setting(3600, "expiry of entries written to Redis")
+    cache_phases: str = setting("both", "which rows use the cache", choices=["prefill", "decode", "both"])
+    cache_prefix: str = setting("moe", "key prefix, so several deployments can share one Redis")
+    cache_redis_timeout_ms: float = setting(50.0, "Redis timeout; slower answers count as errors and are computed")
     seed: int | None = setting(None, "seed of the generator used by requests without their own seed")
     model_id: str | None = setting(None, "model name reported to clients (default: the folder name)")
     ready_file: str | None = setting(None, "write {pid, port} here as JSON once serving")
@@ -57,6 +65,9 @@ class RouterSettings:
         for name in ("rpc_timeout_s", "health_interval_s", "connect_timeout_s"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.threads >= 0, "threads", "must be >= 0")
+        check(self.cache != "redis" or bool(self.redis_url), "redis_url", "--cache redis needs a Redis URL")
+        check(self.cache_local_mib > 0 and self.cache_ttl_s > 0 and self.cache_redis_timeout_ms > 0, "cache_local_mib",
+              "cache sizes and times must be positive")
 
     def shard_addresses(self) -> dict[str, list[str]]:
         """From --shard flags: shard id -> replica addresses."""

@@ -21,11 +21,21 @@ class Shard:
     shard_id: str
     replicas: list[Replica]
     pairs: set[tuple[int, int]]
+    picks: int = 0
 
     def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The live replica with the fewest calls in flight."""
+        """The live replica with the fewest calls in flight; among equals, the least recently picked.
+
+        Without the second rule one router, whose steps are sequential, would always find every replica
+        idle and send everything to the first.
+        """
         live = [r for r in self.replicas if r.live and r not in exclude]
-        return min(live, key=lambda r: r.outstanding) if live else None
+        if not live:
+            return None
+        chosen = min(live, key=lambda r: (r.outstanding, r.last_pick))
+        self.picks += 1
+        chosen.last_pick = self.picks
+        return chosen
 
     @property
     def live(self) -> bool:

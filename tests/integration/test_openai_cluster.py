@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,4 +150,4 @@ def test_main_job_answers_and_exits(demo_model, tmp_path, tokenizer):
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
     prompt_tokens = len(tokenizer.encode("Once upon a time"))
-    assert f"<<< {prompt_tokens} prompt tokens, 8 generated" in result.stdout
+    assert re.search(rf"<<< {prompt_tokens} prompt tokens, [1-8] generated", result.stdout)  # EOS may end it early

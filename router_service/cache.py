@@ -1,0 +1,162 @@
+"""The expert-output cache: an in-process LRU bounded in bytes, in front of Redis (DESIGN §5).
+
+A key names one token row at one layer: the model revision, the layer, and a 128-bit xxh3 hash of
+the row's exact bytes together with its chosen experts and gate weights. The value is that row's
+combined expert output, as bytes in the serving dtype, exactly as the experts returned it.
+
+Redis is optional and fail-open: a lookup that errors or times out, or a value of the wrong size,
+counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
+a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
+period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
+thread, pipelined with a TTL, off the critical path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+ENTRY_OVERHEAD = 120  # bytes per entry beyond the value: key string, dict slot, bytes object headers
+MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
+
+
+@dataclass
+class CacheConfig:
+    mode: str = "off"  # off | local | redis (local in front of Redis)
+    redis_url: str | None = None
+    ttl_s: int = 3600
+    local_bytes: int = 256 << 20
+    phases: str = "both"  # prefill | decode | both
+    prefix: str = "moe"
+    redis_timeout_s: float = 0.05
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def row_keys(head: str, records: memoryview, width: int) -> list[str]:
+    """One key per record of `width` bytes (a row's input bytes, expert ids and gate weights side by side)."""
+    digest = xxhash.xxh3_128_hexdigest
+    return [head + digest(records[i:i + width]) for i in range(0, len(records), width)]
+
+
+class LocalCache:
+    """LRU of key -> value bytes, bounded by the bytes it holds (values plus a per-entry overhead)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        with self._lock:
+            out = []
+            for key in keys:
+                value = self._entries.get(key)
+                if value is not None:
+                    self._entries.move_to_end(key)
+                out.append(value)
+            return out
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        with self._lock:
+            for key, value in items:
+                size = len(value) + ENTRY_OVERHEAD
+                if size > self.max_bytes:
+                    continue
+                old = self._entries.pop(key, None)
+                if old is not None:
+                    self.bytes -= len(old) + ENTRY_OVERHEAD
+                self._entries[key] = value
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, evicted = self._entries.popitem(last=False)
+                    self.bytes -= len(evicted) + ENTRY_OVERHEAD
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RedisCache:
+    """Tier 2: one MGET per layer step for every local miss; pipelined SETs from a writer thread."""
+
+    def __init__(self, url: str, ttl_s: int, timeout_s: float, on_error: Callable[[], None] | None = None):
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry_on_timeout=False)
+        self.url, self.ttl_s = url, ttl_s
+        self.on_error = on_error
+        self._down_until = 0.0
+        self._backoff = 0.5
+        self._warned = False
+        self._writes: queue.Queue[list[tuple[str, bytes]] | None] = queue.Queue(maxsize=256)
+        self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def get_many(self, keys: list[str]) -> list[bytes | None] | None:
+        """Values (None where absent), or None when Redis could not answer (counted as errors)."""
+        if not self.available:
+            return None
+        try:
+            values = self.client.mget(keys)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        self._recovered()
+        return values
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        if items and self.available:
+            with contextlib.suppress(queue.Full):  # Redis slower than we produce: drop; rows merely go uncached
+                self._writes.put_nowait(items)
+
+    def _write_loop(self) -> None:
+        while (items := self._writes.get()) is not None:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for key, value in items:
+                    pipe.set(key, value, ex=self.ttl_s)
+                pipe.execute()
+            except Exception as exc:  # any failure of the cache must only cost the write
+                self._failed(exc)
+            finally:
+                self._writes.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write has been sent (or failed)."""
+        self._writes.join()
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._warned:
+            log.warning("Redis cache at %s unavailable (%s); computing without it until it answers", self.url, exc)
+            self._warned = True
+        self._down_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+
+    def _recovered(self) -> None:
+        if self._warned:
+            log.warning("Redis cache at %s is back", self.url)
+            self._warned = False
+        self._backoff = 0.5
+
+    def close(self) -> None:
+        self._writes.put(None)
+        self._writer.join(2)
+        self.client.close()

@@ -1,0 +1,156 @@
+"""The expert backend behind the expert-output cache: look rows up, dispatch only the misses, remember.
+
+Per layer step: keys for the rows of the cached phases, one pass over the local LRU, one MGET to Redis
+for what it missed, then the remaining rows go to the real backend (one message per shard as always).
+When their outputs come back the result is assembled in row order and the new rows are written to
+both tiers. A hit is the exact bytes the experts returned when the row was first computed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moe_core.forward import ExpertCall, ExpertHandle
+from moe_core.metrics import LATENCY_BUCKETS
+from router_service.cache import CacheConfig, LocalCache, RedisCache, row_keys
+from router_service.expert_backend import ExpertBackend
+
+
+class CacheMetrics:
+    def __init__(self, registry: CollectorRegistry, local: LocalCache):
+        self.requests = Counter("moe_expert_cache_requests", "Expert-output cache lookups by tier and result",
+                                ["tier", "result"], registry=registry)
+        self.lookup = Histogram("moe_expert_cache_lookup_duration_seconds", "Cache lookups of one layer step",
+                                ["tier"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.bytes = Gauge("moe_expert_cache_bytes", "Bytes held by the cache", ["tier"], registry=registry)
+        self.bytes.labels("local").set_function(lambda: local.bytes)
+
+
+class CachedExperts(ExpertBackend):
+    def __init__(self, inner: ExpertBackend, config: CacheConfig, revision: str,
+                 registry: CollectorRegistry | None = None):
+        self.inner, self.config, self.revision = inner, config, revision
+        self.overlaps = inner.overlaps
+        self.local = LocalCache(config.local_bytes)
+        self.redis = RedisCache(config.redis_url, config.ttl_s, config.redis_timeout_s) if config.mode == "redis" \
+            else None
+        self.metrics = CacheMetrics(registry, self.local) if registry is not None else None
+        self.dispatched_rows = 0  # rows that went to the experts (for tests and benchmarks)
+
+    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.submit(ExpertCall(layer, x, weights, ids)).result()
+
+    def submit(self, call: ExpertCall) -> ExpertHandle:
+        cached = self._cached_rows(call)
+        if not cached:
+            self.dispatched_rows += call.x.shape[0]
+            return self.inner.submit(call)
+        keys = self._keys(call, cached)
+        values = self._lookup(keys, call.x.shape[1] * call.x.element_size())
+        hit = {row: value for row, value in zip(cached, values, strict=True) if value is not None}
+        misses = [row for row in range(call.x.shape[0]) if row not in hit]
+        writes = {row: key for row, key, value in zip(cached, keys, values, strict=True) if value is None}
+        self.dispatched_rows += len(misses)
+        handle = None
+        if misses:
+            index = torch.tensor(misses, device=call.x.device)
+            handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
+                                                  num_decode=sum(1 for r in misses if r < call.num_decode)))
+        return _Assembly(self, call.x, hit, misses, handle, writes)
+
+    def _cached_rows(self, call: ExpertCall) -> list[int]:
+        rows = call.x.shape[0]
+        phases = self.config.phases
+        decode = range(call.num_decode) if phases in ("decode", "both") else range(0)
+        prefill = range(call.num_decode, rows) if phases in ("prefill", "both") else range(0)
+        return [*decode, *prefill]
+
+    def _keys(self, call: ExpertCall, rows: list[int]) -> list[str]:
+        index = torch.tensor(rows, device=call.x.device)
+        parts = [call.x[index], call.ids[index].to(torch.int32), call.weights[index].float()]
+        records = torch.cat([p.contiguous().view(torch.uint8).reshape(len(rows), -1).cpu() for p in parts], dim=1)
+        head = f"{self.config.prefix}:{self.revision}:{call.layer}:"
+        return row_keys(head, memoryview(records.numpy()).cast("B"), records.shape[1])
+
+    def _lookup(self, keys: list[str], value_bytes: int) -> list[bytes | None]:
+        started = time.perf_counter()
+        values = self.local.get_many(keys)
+        self._count("local", values)
+        self._observe("local", started)
+        missing = [i for i, v in enumerate(values) if v is None]
+        if self.redis is None or not missing:
+            return values
+        started = time.perf_counter()
+        found = self.redis.get_many([keys[i] for i in missing])
+        self._observe("redis", started)
+        if found is None:
+            self._count_result("redis", "error", len(missing))
+            return values
+        fresh, garbage = [], 0
+        for i, value in zip(missing, found, strict=True):
+            if value is not None and len(value) != value_bytes:  # not something we wrote: count it, compute
+                garbage += 1
+                continue
+            values[i] = value
+            if value is not None:
+                fresh.append((keys[i], value))
+        hits = len(fresh)
+        self._count_result("redis", "hit", hits)
+        self._count_result("redis", "miss", len(missing) - hits - garbage)
+        self._count_result("redis", "error", garbage)
+        self.local.put_many(fresh)
+        return values
+
+    def _count(self, tier: str, values: list) -> None:
+        hits = sum(v is not None for v in values)
+        self._count_result(tier, "hit", hits)
+        self._count_result(tier, "miss", len(values) - hits)
+
+    def _count_result(self, tier: str, result: str, n: int) -> None:
+        if self.metrics and n:
+            self.metrics.requests.labels(tier, result).inc(n)
+
+    def _observe(self, tier: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.lookup.labels(tier).observe(time.perf_counter() - started)
+
+    def remember(self, items: list[tuple[str, bytes]]) -> None:
+        self.local.put_many(items)
+        if self.redis is not None:
+            self.redis.put_many(items)
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+        self.inner.close()
+
+
+class _Assembly:
+    """The step's output in row order: cached rows from their bytes, the rest from the experts."""
+
+    def __init__(self, cache: CachedExperts, x: torch.Tensor, hit: dict[int, bytes], misses: list[int],
+                 handle: ExpertHandle | None, writes: dict[int, str]):
+        self.cache, self.x, self.hit, self.misses, self.handle, self.writes = cache, x, hit, misses, handle, writes
+
+    def result(self) -> torch.Tensor:
+        x = self.x
+        out = torch.empty_like(x)
+        if self.hit:
+            rows = list(self.hit)
+            stored = torch.frombuffer(bytearray(b"".join(self.hit[r] for r in rows)), dtype=x.dtype)
+            out[torch.tensor(rows, device=x.device)] = stored.view(len(rows), x.shape[1]).to(x.device)
+        if self.handle is not None:
+            computed = self.handle.result()
+            out[torch.tensor(self.misses, device=x.device)] = computed
+            self._remember(computed)
+        return out
+
+    def _remember(self, computed: torch.Tensor) -> None:
+        if not self.writes:
+            return
+        position = {row: i for i, row in enumerate(self.misses)}
+        raw = computed.contiguous().view(torch.uint8).reshape(len(self.misses), -1).cpu().numpy()
+        self.cache.remember([(key, raw[position[row]].tobytes()) for row, key in self.writes.items()])

@@ -1,0 +1,204 @@
+"""The expert-output cache against a real Redis server (started by the tests on a free port)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from moe_core.loader import load_dense_model, load_expert_shard
+from router_service.cache import CacheConfig
+from router_service.cached_experts import CachedExperts
+from router_service.engine.engine import Engine, EngineConfig
+from router_service.engine.params import SamplingParams
+from router_service.expert_backend import LocalExperts
+from router_service.metrics import new_registry
+from tests.conftest import need_tool
+from tests.engine_helpers import drain, logprobs, random_prompts, tokens
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server: tests stop and restart it, so never the machine's shared one."""
+
+    def __init__(self):
+        self.binary = need_tool("redis-server")
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--maxmemory", "64mb",
+                                         "--maxmemory-policy", "allkeys-lru"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def server():
+    s = RedisServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    path = tiny_checkpoint("olmoe-gqa2-top2")
+    return load_dense_model(path), LocalExperts(load_expert_shard(path, None)[1])
+
+
+def router(parts, url: str, revision: str = "rev-a"):
+    """An engine with the cache in redis mode and its own (empty) local tier and metrics."""
+    model, experts = parts
+    registry = new_registry()
+    cached = CachedExperts(experts, CacheConfig(mode="redis", redis_url=url, redis_timeout_s=0.2), revision, registry)
+    return Engine(model, cached, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4)), cached, registry
+
+
+def count(registry, tier: str, result: str) -> float:
+    value = registry.get_sample_value("moe_expert_cache_requests_total", {"tier": tier, "result": result})
+    return value or 0.0
+
+
+def serve(engine, prompts):
+    return list(drain(engine, {0: [(p, PARAMS) for p in prompts]}).values())
+
+
+def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server):
+    first, first_cache, _ = router(parts, server.url)
+    prompts = random_prompts(3, 256, seed=11)
+    expected = serve(first, prompts)
+    first_cache.redis.flush()
+    second, second_cache, registry = router(parts, server.url)
+    got = serve(second, prompts)
+    assert [tokens(r) for r in got] == [tokens(r) for r in expected]
+    assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
+    assert second_cache.dispatched_rows == 0
+    assert count(registry, "redis", "hit") > 0 and count(registry, "redis", "error") == 0
+
+
+def test_redis_stopped_mid_run_then_restarted(parts, server):
+    engine, cached, registry = router(parts, server.url)
+    prompts = random_prompts(6, 256, seed=12)
+    ids = [engine.add_request(p, PARAMS) for p in prompts]
+    finished, steps = {}, 0
+    while engine.has_unfinished():
+        if steps == 3:
+            server.stop()  # mid-run: requests are in flight
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        steps += 1
+    assert sorted(finished) == sorted(ids) and all(o.finish_reason == "length" for o in finished.values())
+    assert count(registry, "redis", "error") > 0
+    server.start()  # same port, empty
+    other_prompts = iter(random_prompts(40, 256, seed=13))
+    deadline = time.monotonic() + 30
+    while True:  # hits resume once the back-off has passed: poll for them, each time with a new prompt
+        prompt = next(other_prompts)
+        serve(engine, [prompt])
+        cached.redis.flush()
+        reader, _, reader_registry = router(parts, server.url)
+        serve(reader, [prompt])
+        if count(reader_registry, "redis", "hit") > 0:
+            break
+        assert time.monotonic() < deadline, "no Redis hits after the restart"
+        time.sleep(0.2)
+
+
+def test_garbage_from_redis_is_an_error_and_computed(parts, server):
+    writer, writer_cache, _ = router(parts, server.url)
+    prompts = random_prompts(2, 256, seed=14)
+    expected = serve(writer, prompts)
+    writer_cache.redis.flush()
+    client = redis.Redis(port=server.port)
+    keys = list(client.scan_iter(match="moe:*"))
+    assert keys
+    for key in keys:
+        client.set(key, b"not a tensor row")
+    reader, reader_cache, registry = router(parts, server.url)
+    assert [tokens(r) for r in serve(reader, prompts)] == [tokens(r) for r in expected]
+    assert count(registry, "redis", "error") == len(keys) and reader_cache.dispatched_rows > 0
+
+
+def test_revisions_never_collide(parts, server):
+    a, a_cache, _ = router(parts, server.url, revision="rev-a")
+    prompts = random_prompts(2, 256, seed=15)
+    serve(a, prompts)
+    a_cache.redis.flush()
+    b, _, registry = router(parts, server.url, revision="rev-b")
+    serve(b, prompts)
+    assert count(registry, "redis", "hit") == 0 and count(registry, "redis", "miss") > 0
+    keys = [k.decode() for k in redis.Redis(port=server.port).scan_iter(match="moe:*")]
+    assert {k.split(":")[1] for k in keys} == {"rev-a", "rev-b"}
+
+
+def test_a_dead_redis_never_fails_a_request(parts):
+    engine, _, registry = router(parts, f"redis://127.0.0.1:{free_port()}/0")
+    results = serve(engine, random_prompts(3, 256, seed=16))
+    assert all(r[-1].finish_reason == "length" for r in results)
+    assert count(registry, "redis", "error") > 0
+
+
+def test_up_needs_a_url_for_redis_mode():
+    result = subprocess.run([sys.executable, "-m", "moe_serve.cli", "up", "--cache", "redis"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "--cache redis needs --redis URL" in result.stderr
+
+
+def test_up_with_redis_serves_repeats_from_the_cache(demo_model, tmp_path, server):
+    import json
+
+    import httpx
+
+    process = subprocess.Popen([sys.executable, "-m", "moe_serve.cli", "up", "--model", str(demo_model), "--port", "0",
+                                "--run-dir", str(tmp_path), "--redis", server.url, "--dtype", "float32"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "cluster.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        cluster = json.loads((tmp_path / "cluster.json").read_text())
+        body = {"model": demo_model.resolve().name, "prompt": "The mill by the river", "max_tokens": 6,
+                "temperature": 0, "ignore_eos": True}
+        texts = [httpx.post(cluster["url"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+                 for _ in range(2)]
+        assert texts[0] == texts[1]
+        router_metrics = next(s["metrics_url"] for s in cluster["services"] if s["role"] == "router")
+        scrape = httpx.get(router_metrics).text
+        hits = re.search(r'moe_expert_cache_requests_total\{result="hit",tier="local"\} (\S+)', scrape)
+        assert hits and float(hits.group(1)) > 0
+        assert redis.Redis(port=server.port).dbsize() > 0  # written through to Redis
+    finally:
+        process.terminate()
+        process.wait(60)

@@ -1,0 +1,85 @@
+"""The expert-output cache: byte bound, keys, and exact reuse in the engine (local tier)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moe_core.loader import load_dense_model, load_expert_shard
+from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, row_keys
+from router_service.cached_experts import CachedExperts
+from router_service.engine.engine import Engine, EngineConfig
+from router_service.engine.params import SamplingParams
+from router_service.expert_backend import LocalExperts
+from tests.engine_helpers import drain, logprobs, random_prompts, tokens
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+def test_local_cache_respects_its_byte_bound_and_evicts_oldest():
+    cache = LocalCache(max_bytes=10 * (100 + ENTRY_OVERHEAD))
+    rng = random.Random(0)
+    for i in range(500):
+        cache.put_many([(f"k{i}", bytes(rng.randrange(50, 150)))])
+        assert cache.bytes <= cache.max_bytes
+    assert cache.get_many(["k0"]) == [None] and cache.get_many(["k499"])[0] is not None
+    cache.put_many([("huge", bytes(cache.max_bytes))])  # larger than the whole budget: not stored
+    assert cache.get_many(["huge"]) == [None] and cache.bytes <= cache.max_bytes
+
+
+def test_keys_name_revision_layer_and_exact_bytes():
+    record = bytes(range(64)) * 2
+    flipped = bytearray(record)
+    flipped[100] ^= 1
+    a = row_keys("moe:rev1:3:", memoryview(record), 64)
+    assert a == row_keys("moe:rev1:3:", memoryview(record), 64) and a[0] == a[1]
+    assert row_keys("moe:rev2:3:", memoryview(record), 64)[0] != a[0]
+    assert row_keys("moe:rev1:4:", memoryview(record), 64)[0] != a[0]
+    assert row_keys("moe:rev1:3:", memoryview(bytes(flipped)), 64)[1] != a[1]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    path = tiny_checkpoint("mixtral-gqa2-top2")
+    return load_dense_model(path), LocalExperts(load_expert_shard(path, None)[1])
+
+
+def make(parts, phases="both", local_bytes=64 << 20):
+    model, experts = parts
+    cached = CachedExperts(experts, CacheConfig(mode="local", phases=phases, local_bytes=local_bytes), "rev")
+    return Engine(model, cached, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4)), cached
+
+
+def run(engine, prompt):
+    return drain(engine, {0: [(prompt, PARAMS)]}).popitem()[1]
+
+
+def test_same_prompt_twice_skips_every_expert_row_and_is_identical(parts):
+    engine, cached = make(parts)
+    prompt = random_prompts(1, 256, seed=3)[0]
+    first = run(engine, prompt)
+    rows_first = cached.dispatched_rows
+    moe_layers = len(parts[0].cfg.moe_layers)
+    assert rows_first == (len(prompt) + PARAMS.max_tokens - 1) * moe_layers
+    second = run(engine, prompt)
+    assert cached.dispatched_rows == rows_first  # the second run dispatched nothing
+    assert tokens(second) == tokens(first) and logprobs(second) == logprobs(first)
+
+
+def test_prefill_only_cache_still_dispatches_decode_rows(parts):
+    engine, cached = make(parts, phases="prefill")
+    prompt = random_prompts(1, 256, seed=4)[0]
+    first = run(engine, prompt)
+    before = cached.dispatched_rows
+    second = run(engine, prompt)
+    moe_layers = len(parts[0].cfg.moe_layers)
+    assert cached.dispatched_rows - before == (PARAMS.max_tokens - 1) * moe_layers
+    assert tokens(second) == tokens(first)
+
+
+def test_byte_bound_holds_under_load(parts):
+    engine, cached = make(parts, local_bytes=40_000)
+    results = drain(engine, {0: [(p, PARAMS) for p in random_prompts(12, 256, seed=5)]})
+    assert all(len(tokens(r)) == PARAMS.max_tokens for r in results.values())
+    assert 0 < cached.local.bytes <= 40_000
