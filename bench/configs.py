@@ -20,6 +20,7 @@ CONFIGS = {
     "local": ["--shards", "0"],  # one process: experts inside the router (plus the gateway)
     "cluster-2": ["--shards", "2"],
     "cluster-2x2": ["--shards", "2", "--replicas", "2"],
+    "cluster-2-layers": ["--shards", "2", "--split", "layers"],  # whole layers per shard
 }
 
 

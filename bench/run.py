@@ -17,8 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from bench.baselines import run_transformers, start_llama_server
 from bench.configs import CONFIGS, start
 from bench.driver import run_load, summarize
 from bench.models import PRESETS, make_bench_model
@@ -29,7 +31,8 @@ from moe_core.config import load_config
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="bench-s", choices=sorted(PRESETS))
     p.add_argument("--model", type=Path, help="benchmark this model folder instead of a preset")
-    p.add_argument("--configs", nargs="+", default=["local", "cluster-2"], choices=sorted(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["local", "cluster-2"], choices=sorted(CONFIGS) + EXTERNAL,
+                   help="moe-serve configurations and outside references (transformers, llama.cpp)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per run (at concurrency 1: a quarter)")
     p.add_argument("--prompt-range", type=int, nargs=2, default=[32, 512])
@@ -50,7 +53,35 @@ def _revision() -> str:
         return "unknown"
 
 
+EXTERNAL = ["transformers", "llamacpp-f32", "llamacpp-bf16"]
+
+
+def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
+    runs, rss = [], {}
+    for concurrency, requests in workloads.items():
+        if name == "transformers":
+            dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            results, wall = run_transformers(model, requests, concurrency, dtype)
+        else:
+            context = max(len(r.prompt_ids) + r.max_tokens for r in requests) + 16
+            server = start_llama_server(args.work_dir / "llama.cpp", model, name.split("-")[1], concurrency, context)
+            try:
+                asyncio.run(run_load(server.url, "gguf", requests[:2], 1))  # warm-up
+                with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
+                    results, wall = asyncio.run(run_load(server.url, "gguf", requests, concurrency, bar))
+                rss = server.peak_rss_mib()
+            finally:
+                server.stop()
+        summary = summarize(results, wall) | {"concurrency": concurrency}
+        runs.append(summary)
+        print(json.dumps({"config": name, "concurrency": concurrency, "output_tok_s": summary["output_tok_s"],
+                          "ttft_p50_ms": summary["ttft_ms"]["p50"]}), flush=True)
+    return {"config": name, "runs": runs, "peak_rss_mib": rss}
+
+
 def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
+    if name in EXTERNAL:
+        return bench_external(name, model, args, workloads)
     running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag)
     try:
         model_name = model.resolve().name

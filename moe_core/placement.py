@@ -79,6 +79,20 @@ def even_split(cfg: MoeConfig, shards: int) -> list[ShardSpec]:
             for i in range(shards)]
 
 
+def split_by_layers(cfg: MoeConfig, shards: int) -> list[ShardSpec]:
+    """Contiguous ranges of MoE layers, all experts of a layer on one shard.
+
+    Only one shard works per layer step, with all its cores; on a single machine that beats every
+    shard taking a slice of every layer at once (the slices compete for the same cores and memory).
+    """
+    layers = cfg.moe_layers
+    if not 1 <= shards <= len(layers):
+        raise ConfigError(f"cannot split {len(layers)} MoE layers into {shards} shards")
+    bounds = [round(i * len(layers) / shards) for i in range(shards + 1)]
+    return [ShardSpec(f"shard-{i}", [(layer, e) for layer in layers[bounds[i]:bounds[i + 1]]
+                                     for e in range(cfg.num_experts)]) for i in range(shards)]
+
+
 def load_placement(path: str | Path, cfg: MoeConfig) -> list[ShardSpec]:
     where = str(path)
     try:

@@ -21,7 +21,7 @@ import httpx
 
 from moe_core.config import load_config
 from moe_core.demo import ensure_demo_model
-from moe_core.placement import ShardSpec, even_split, load_placement, write_placement
+from moe_core.placement import ShardSpec, even_split, load_placement, split_by_layers, write_placement
 from moe_serve.launcher import LaunchError, ProcessGroup, Service
 from moe_serve.prometheus import start_prometheus
 
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2, help="expert shards (0: experts inside the router process)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per shard")
     p.add_argument("--placement", help="placement file (JSON) instead of an even split into --shards")
+    p.add_argument("--split", choices=["experts", "layers"], default="experts",
+                   help="how --shards divides the experts: a slice of every layer's experts per shard, or whole "
+                        "layers per shard (faster when all shards share one machine's cores)")
     p.add_argument("--routers", type=int, default=1, help="routers behind the gateway")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port (0: a free port)")
@@ -47,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert-output cache (default: redis with --redis, else off)")
     p.add_argument("--redis", metavar="URL", help="Redis for the expert-output cache, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--rpc-timeout-s", type=float, default=30.0, help="deadline of one router -> shard call")
+    p.add_argument("--router-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for every router, e.g. --router-arg=--no-overlap (repeatable)")
+    p.add_argument("--expert-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for every expert service (repeatable)")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for services to start")
     p.add_argument("--prometheus", nargs="?", const=0, type=int, metavar="PORT",
                    help="also run Prometheus (the `prometheus` binary) scraping the cluster, on PORT (default: free)")
@@ -61,12 +68,15 @@ def _python(module: str, *flags: str) -> list[str]:
 
 def plan_shards(args: argparse.Namespace, model: Path) -> list[ShardSpec]:
     cfg = load_config(model)
-    return load_placement(args.placement, cfg) if args.placement else even_split(cfg, args.shards)
+    if args.placement:
+        return load_placement(args.placement, cfg)
+    return split_by_layers(cfg, args.shards) if args.split == "layers" else even_split(cfg, args.shards)
 
 
 def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec], placement: Path) -> list[Service]:
     cores = os.cpu_count() or 1
-    threads = args.expert_threads or max(1, cores // len(specs))
+    # Shards that each hold whole layers take turns; shards holding slices of every layer run together.
+    threads = args.expert_threads or (cores if args.split == "layers" else max(1, cores // len(specs)))
     services = []
     for spec in specs:
         for r in range(args.replicas):
@@ -75,7 +85,7 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
             argv = _python("expert_service", "--model", str(model), "--placement", str(placement),
                            "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--metrics-port", "0",
                            "--ready-file", str(ready),
-                           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads))
+                           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads), *args.expert_arg)
             services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r})))
     return services
 
@@ -89,7 +99,8 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--port", "0", "--metrics-port", "0",
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
-                       "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s))
+                       "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
+                       *args.router_arg)
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i})))
     return services
 

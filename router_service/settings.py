@@ -30,6 +30,9 @@ class RouterSettings:
     max_num_seqs: int = setting(64, "most sequences in one batch")
     max_num_batched_tokens: int = setting(2048, "most tokens in one step (long prompts are prefilled in chunks)")
     max_model_len: int = setting(0, "longest prompt + output accepted (0: the model's limit)")
+    overlap: bool = setting(False, "split each step into two micro-batches so one computes while the other's "
+                                   "experts are in flight (grpc experts only; pays off when the expert services run "
+                                   "on other machines or GPUs, not when they share this machine's cores)")
     rpc_timeout_s: float = setting(30.0, "deadline of one call to an expert shard")
     health_interval_s: float = setting(1.0, "how often replicas are health-checked (and down ones probed)")
     connect_timeout_s: float = setting(120.0, "how long to wait at start for every shard to answer")

@@ -60,6 +60,9 @@ class ShardMap:
         if missing:
             raise ConfigError(f"no shard holds experts {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         self.holders = {layer: self._holder_table(layer) for layer in cfg.moe_layers}
+        # Layers whose experts all live on one shard (a placement split by layers) skip the split entirely.
+        self.sole = {layer: table[0, 0].item() for layer, (table, counts) in self.holders.items()
+                     if bool((table == table[0, 0]).all()) and bool((counts == 1).all())}
 
     def _holder_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[experts, most holders] shard indices (padded by repetition) and [experts] holder counts."""
@@ -71,6 +74,9 @@ class ShardMap:
 
     def split(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
         """ids/weights [T, k] -> one Part per shard that has work, in shard order."""
+        if layer in self.sole:
+            return [Part(self.shards[self.sole[layer]], torch.arange(ids.shape[0]), ids.to(torch.int32),
+                         weights.float())]
         table, counts = self.holders[layer]
         rows = torch.arange(ids.shape[0])[:, None]
         owner = table[ids, rows % counts[ids]]  # [T, k] shard index of every pair

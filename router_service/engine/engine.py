@@ -30,7 +30,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache
     seed: int | None = None  # of the engine's generator for unseeded requests
-    overlap: bool = True  # with a remote expert backend, run two micro-batches so network time hides
+    overlap: bool = False  # with a remote expert backend, run two micro-batches so network time hides
 
 
 @dataclass

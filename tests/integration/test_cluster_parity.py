@@ -44,7 +44,7 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
         remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
         model = load_dense_model(path)
         counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
-        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8)
+        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)  # the cluster runs micro-batches
         prompts = random_prompts(16, cfg.vocab_size, seed=7)
         clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
         local = LocalExperts(load_expert_shard(path, None)[1])

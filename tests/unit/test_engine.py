@@ -186,7 +186,7 @@ def test_overlapped_micro_batches_compute_the_same(parts):
     model, experts = parts
     deferred = DeferredExperts(experts)
     requests = prompts(6, seed=8)
-    overlapped = Engine(model, deferred, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4))
+    overlapped = Engine(model, deferred, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4, overlap=True))
     step, steps = overlapped.step, []
     overlapped.step = lambda: steps.append(1) or step()
     results = list(drain(overlapped, {0: [(p, GREEDY) for p in requests[:4]], 3: [(p, GREEDY) for p in requests[4:]]})

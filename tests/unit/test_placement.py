@@ -13,6 +13,7 @@ from moe_core.placement import (
     load_placement,
     pairs_from_spec,
     parse_ids,
+    split_by_layers,
     uncovered,
     write_placement,
 )
@@ -80,3 +81,16 @@ def test_split_sends_each_pair_to_a_holder_once():
     assert owners == {"a", "b"}  # the replicated expert's rows are spread over both holders
     with pytest.raises(ConfigError, match="no shard holds experts"):
         ShardMap(CFG, [b])
+
+
+def test_split_by_layers_and_the_single_shard_fast_path():
+    specs = split_by_layers(CFG, 2)
+    assert [sorted({layer for layer, _ in s.pairs}) for s in specs] == [[1], [3]]
+    assert not uncovered(CFG, specs)
+    shards = [Shard(s.shard_id, [Replica(s.shard_id, "127.0.0.1:1")], set(s.pairs)) for s in specs]
+    shard_map = ShardMap(CFG, shards)
+    ids = torch.tensor([[0, 4], [7, 1]])
+    (part,) = shard_map.split(3, ids, torch.rand(2, 2))
+    assert part.shard.shard_id == "shard-1" and part.rows.tolist() == [0, 1] and part.ids.tolist() == ids.tolist()
+    with pytest.raises(ConfigError, match="cannot split 2 MoE layers into 3"):
+        split_by_layers(CFG, 3)
