@@ -22,7 +22,7 @@ from moe_core.metrics import serve_metrics
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.placement import load_placement, pairs_from_spec, parse_ids
 from moe_core.revision import model_revision
-from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
 from moe_core.weights import load_experts
 
 log = logging.getLogger("expert_service")
@@ -59,7 +59,8 @@ async def serve(settings: ExpertSettings) -> None:
     metrics = ExpertMetrics(shard, settings.per_expert_metrics)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics), server)
     health = add_health(server)
-    port = bind(server, settings.host, settings.port)
+    tls = Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
+    port = bind(server, settings.host, settings.port, tls)
     await server.start()
     metrics_port = serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     await set_serving(health, [SERVICE], True)
@@ -70,9 +71,13 @@ async def serve(settings: ExpertSettings) -> None:
     write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, role="expert", shard=shard.shard_id)
     stop = stop_event_on_signals()
     await stop.wait()
-    log.info("shutting down")
+    # Readiness first: routers' health checks see NOT_SERVING and move traffic to other replicas while
+    # this one still answers what they send; then in-flight calls get a grace period.
+    log.info("draining for %.1fs", settings.drain_grace_s)
     await set_serving(health, [SERVICE], False)
+    await asyncio.sleep(settings.drain_grace_s)
     await server.stop(grace=5.0)
+    log.info("stopped")
 
 
 def run(settings: ExpertSettings) -> None:

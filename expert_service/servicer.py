@@ -8,6 +8,7 @@ Describe stay answered while they compute.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from expert_service.metrics import ExpertMetrics
@@ -16,6 +17,7 @@ from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
 
 INLINE_ROWS = 64
+log = logging.getLogger(__name__)
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
@@ -33,6 +35,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             if self.metrics:
                 self.metrics.requests.labels(exc.code.name).inc()
             raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("layer %d step %d: %d rows in %.2f ms", request.layer, request.step_id,
+                      request.hidden.shape[0] if request.hidden.shape else 0, 1e3 * response.compute_seconds,
+                      extra={"request_id": ",".join(request.request_ids)})
         if self.metrics:
             self.metrics.requests.labels("OK").inc()
             self.metrics.forward.labels(str(request.layer)).observe(response.compute_seconds)

@@ -27,6 +27,13 @@ class ExpertSettings:
     model_id: str | None = setting(None, "model name reported by Describe (default: the folder name)")
     ready_file: str | None = setting(None, "write {pid, port} here as JSON once serving")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("text", "log lines as text or one JSON object per line", choices=["text", "json"])
+    drain_grace_s: float = setting(3.0, "on SIGTERM: seconds of answering NOT_SERVING to health checks while still "
+                                        "serving, so routers move traffic away before the server stops")
+    tls_cert: str | None = setting(None, "PEM certificate of this gRPC server (enables TLS)")
+    tls_key: str | None = setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: str | None = setting(None, "PEM CA; callers (routers) must present a certificate it signed "
+                                              "(mutual TLS: only routers can call this service)")
 
     def validate(self) -> None:
         check(bool(self.experts) != bool(self.placement), "experts", "give exactly one of --experts or --placement")
@@ -34,3 +41,6 @@ class ExpertSettings:
         check(0 <= self.port < 65536, "port", f"{self.port} is not a TCP port")
         check(-1 <= self.metrics_port < 65536, "metrics_port", f"{self.metrics_port} is not a TCP port (or -1)")
         check(self.threads >= 0, "threads", "must be >= 0")
+        check(self.drain_grace_s >= 0, "drain_grace_s", "must be >= 0")
+        check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "give both --tls-cert and --tls-key")
+        check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "mutual TLS needs --tls-cert too")

@@ -1,7 +1,8 @@
 """`python -m gateway`: the OpenAI-compatible HTTP gateway as a process (settings from flags and MOE_* vars).
 
-Steps: parse settings, load the tokenizer, wait for a router to answer, bind the socket ourselves (so port 0
-works and the real port is known), serve, write the ready file, and drain on SIGTERM/SIGINT.
+Steps: parse settings, set up logging (text or JSON), load the tokenizer, wait for a router to answer, bind
+the socket ourselves (so port 0 works and the real port is known), serve, write the ready file, and drain on
+SIGTERM/SIGINT (see GatewayServer).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.server import GatewayServer, bind, write_ready_file
 from gateway.settings import GatewaySettings
 from moe_core.errors import TokenizerError
 from moe_core.lifecycle import die_with_parent
+from moe_core.logs import setup_logging
 from moe_core.pb import router_pb2
 from moe_core.settings import parse_settings
 from moe_core.tokenizer import Tokenizer
@@ -31,7 +33,7 @@ log = logging.getLogger("gateway")
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     settings = parse_settings(GatewaySettings, argv, prog="python -m gateway")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format, "gateway")
     try:
         tokenizer = Tokenizer.from_dir(settings.model)
     except TokenizerError as exc:
@@ -56,15 +58,23 @@ async def serve(settings: GatewaySettings, tokenizer: Tokenizer) -> int:
                  settings.model_name, info.model_revision, info.max_model_len, len(settings.router))
         sock = bind(settings.host, settings.port)
         port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(settings, pool, tokenizer), log_level=settings.log_level,
-                                lifespan="off", timeout_graceful_shutdown=int(settings.drain_timeout_s))
+        app = create_app(settings, pool, tokenizer)
+        # log_config=None: uvicorn's loggers go through our handler (text or JSON); our own access log
+        # (gateway.access) replaces uvicorn's, which would log raw paths and no request id.
+        config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", log_config=None,
+                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s)  # type: ignore[arg-type]
 
         def announce() -> None:
             log.info("listening on http://%s:%d", settings.host, port)
             if ready_file is not None:
                 write_ready_file(ready_file, port)
 
-        await GatewayServer(config, on_started=announce).serve(sockets=[sock])
+        def drain() -> None:
+            app.state.gateway.draining = True
+
+        server = GatewayServer(config, on_started=announce, on_drain=drain, drain_grace_s=settings.drain_grace_s)
+        await server.serve(sockets=[sock])
+        log.info("stopped")
         return 0
     finally:
         await pool.close()

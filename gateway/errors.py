@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 # OpenAI's `type` per status; clients switch on the status, people read the type.
 ERROR_TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",  # what OpenAI answers for a missing or wrong key
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -32,9 +35,10 @@ class GatewayError(Exception):
     """An error the client sees: HTTP status, a user-facing message, and the offending parameter if any."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.message = message
         self.param = param
         self.code = code if code is not None else DEFAULT_CODES.get(status)
@@ -43,6 +47,9 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
 
 def bad_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param)
@@ -50,6 +57,15 @@ def bad_request(message: str, param: str | None = None) -> GatewayError:
 
 def model_not_found(name: str) -> GatewayError:
     return GatewayError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The `Retry-After` header: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def timed_out() -> GatewayError:
+    return GatewayError(504, "The request timed out before the model finished.")
 
 
 def internal_error() -> GatewayError:

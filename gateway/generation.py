@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, timed_out
 from gateway.router_client import RouterPool
 from moe_core.pb import router_pb2
 
@@ -54,6 +54,7 @@ async def stream_choices(pool: RouterPool, specs: list[ChoiceSpec], request_id: 
                          deadline: float) -> AsyncIterator[ChoiceEvent]:
     """Chunks of every choice as they arrive. The first failure ends the stream and cancels the others.
 
+    Choice i's router request id is `{request_id}-{i}`; `request_id` itself goes along as `x-request-id`.
     Consume it inside `aclosing(...)`: closing the iteration cancels every router call still running.
     """
     queue: asyncio.Queue[ChoiceEvent | _Finished | Exception] = asyncio.Queue(
@@ -61,7 +62,7 @@ async def stream_choices(pool: RouterPool, specs: list[ChoiceSpec], request_id: 
 
     async def pump(spec: ChoiceSpec) -> None:
         try:
-            await _pump(pool, spec, f"{request_id}-{spec.index}", deadline, queue)
+            await _pump(pool, spec, request_id, deadline, queue)
             await queue.put(_Finished())
         except Exception as exc:  # handed to the consumer, which raises it; CancelledError stays ours
             await queue.put(exc)
@@ -88,8 +89,10 @@ async def _pump(pool: RouterPool, spec: ChoiceSpec, request_id: str, deadline: f
     finished = False
     timeout_s = deadline - time.monotonic()
     if timeout_s <= 0:
-        raise GatewayError(504, "The request timed out before the model finished.")
-    async with aclosing(pool.generate(spec.prompt_ids, spec.sampling, request_id, timeout_s=timeout_s)) as chunks:
+        raise timed_out()
+    chunks = pool.generate(spec.prompt_ids, spec.sampling, f"{request_id}-{spec.index}", timeout_s=timeout_s,
+                           trace_id=request_id)
+    async with aclosing(chunks):
         async for chunk in chunks:
             finished = chunk.finished
             await queue.put(ChoiceEvent(spec.index, chunk))

@@ -90,13 +90,22 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.create_task(self.stream_response(send))
         watcher = asyncio.create_task(wait_disconnect(receive))
+        ended = False
         try:
-            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            ended = streaming in done
         finally:
             for task in (streaming, watcher):
                 task.cancel()
             await asyncio.gather(streaming, watcher, return_exceptions=True)
             await self.events.aclose()
-        failure = streaming.exception() if streaming.done() and not streaming.cancelled() else None
-        if failure is not None and not isinstance(failure, OSError):  # OSError: the client is gone mid-send
+        failure = streaming.exception() if ended else None
+        if not ended or isinstance(failure, OSError):  # OSError: the client is gone mid-send
+            mark_disconnected(scope)
+        elif failure is not None:
             raise failure
+
+
+def mark_disconnected(scope: Scope) -> None:
+    """Note for the access log and metrics that the client left before its response ended (not an error)."""
+    scope.setdefault("state", {})["client_disconnected"] = True

@@ -25,19 +25,42 @@ class Prompt:
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What the served model accepts; from the router's ModelInfo and the tokenizer."""
+    """What the served model accepts (the router's ModelInfo, the tokenizer), narrowed by the server's settings."""
 
     vocab_size: int
     max_model_len: int  # prompt plus output; 0 when the router does not say
+    max_prompt_tokens: int = 0  # the server's limit on a prompt; 0: only the context bounds it
+    max_tokens: int = 0  # the server's limit on max_tokens; 0: only the context bounds it
 
     @classmethod
-    def of(cls, info: router_pb2.ModelInfo, tokenizer: Tokenizer) -> ModelLimits:
+    def of(cls, info: router_pb2.ModelInfo, tokenizer: Tokenizer, max_prompt_tokens: int = 0,
+           max_tokens: int = 0) -> ModelLimits:
         # An id must both embed (the model's vocab) and detokenize (the tokenizer's).
         vocab = min(info.vocab_size, tokenizer.vocab_size) if info.vocab_size > 0 else tokenizer.vocab_size
-        return cls(vocab, info.max_model_len)
+        return cls(vocab, info.max_model_len, max_prompt_tokens, max_tokens)
+
+
+def check_max_tokens(request: CompletionRequest | ChatCompletionRequest, limits: ModelLimits) -> None:
+    """400 when the client asks for more output than this server allows."""
+    if not limits.max_tokens:
+        return
+    given = [name for name in ("max_tokens", "max_completion_tokens")
+             if getattr(request, name, None) is not None and name in request.model_fields_set]
+    for name in given:
+        if getattr(request, name) > limits.max_tokens:
+            raise bad_request(f"{name} must be at most {limits.max_tokens} on this server", name)
+
+
+def completion_max_tokens(request: CompletionRequest, limits: ModelLimits) -> int:
+    """The client's max_tokens, else OpenAI's default of 16 within this server's limit."""
+    if "max_tokens" in request.model_fields_set and request.max_tokens is not None:
+        return request.max_tokens
+    return min(DEFAULT_COMPLETION_TOKENS, limits.max_tokens or DEFAULT_COMPLETION_TOKENS)
 
 
 def completion_prompts(request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits) -> list[Prompt]:
+    check_max_tokens(request, limits)
+    max_tokens = completion_max_tokens(request, limits)
     prompts = []
     for item in request.prompt:
         if isinstance(item, str):
@@ -45,7 +68,7 @@ def completion_prompts(request: CompletionRequest, tokenizer: Tokenizer, limits:
         else:
             check_vocab(item, limits, "prompt")
             prompt = Prompt(list(item), tokenizer.decode(item, skip_special_tokens=False) if request.echo else "")
-        check_length(prompt.ids, request.output_limit, limits, "prompt")
+        check_length(prompt.ids, max_tokens, limits, "prompt")
         prompts.append(prompt)
     return prompts
 
@@ -53,6 +76,7 @@ def completion_prompts(request: CompletionRequest, tokenizer: Tokenizer, limits:
 def chat_prompt(request: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits) -> Prompt:
     if not tokenizer.has_chat_template:
         raise bad_request("This model has no chat template; use /v1/completions.", "messages")
+    check_max_tokens(request, limits)
     messages = [message.as_template_input() for message in request.messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -65,12 +89,11 @@ def chat_prompt(request: ChatCompletionRequest, tokenizer: Tokenizer, limits: Mo
 
 
 def chat_max_tokens(request: ChatCompletionRequest, prompt: Prompt, limits: ModelLimits) -> int:
-    """The client's limit, else whatever room the context leaves."""
+    """The client's limit, else whatever room the context leaves, within this server's limit."""
     if request.output_limit is not None:
         return request.output_limit
-    if limits.max_model_len <= 0:
-        return DEFAULT_COMPLETION_TOKENS
-    return limits.max_model_len - len(prompt.ids)
+    room = limits.max_model_len - len(prompt.ids) if limits.max_model_len > 0 else DEFAULT_COMPLETION_TOKENS
+    return min(room, limits.max_tokens) if limits.max_tokens else room
 
 
 def check_vocab(ids: Sequence[int], limits: ModelLimits, param: str) -> None:
@@ -82,6 +105,9 @@ def check_vocab(ids: Sequence[int], limits: ModelLimits, param: str) -> None:
 def check_length(ids: Sequence[int], max_tokens: int | None, limits: ModelLimits, param: str) -> None:
     if not ids:
         raise bad_request("The prompt is empty after tokenization.", param)
+    if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
+        raise bad_request(f"The prompt has {len(ids)} tokens; this server accepts at most "
+                          f"{limits.max_prompt_tokens}.", param)
     if limits.max_model_len <= 0:
         return
     if len(ids) >= limits.max_model_len:

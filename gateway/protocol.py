@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, WithJsonSchema
 
 from gateway.errors import GatewayError, bad_request
 
@@ -18,6 +18,21 @@ INT64 = 2**63
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 R = TypeVar("R", bound="CommonRequest")
 TOOLS_FIELDS = ("tools", "tool_choice", "functions", "function_call")
+
+# What clients may send, for the OpenAPI schema: the validators below accept more shapes than they produce.
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    _TOKENS,
+    {"type": "array", "items": _TOKENS, "minItems": 1},
+], "description": "Text, several texts, token ids, or several lists of token ids"}
+CONTENT_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+    {"type": "null"},
+], "description": "Text, or a list of text parts (joined by newlines)"}
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,7 @@ class CommonRequest(BaseModel):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: Annotated[list[str | list[StrictInt]], BeforeValidator(_normalize_prompt)]
+    prompt: Annotated[list[str | list[StrictInt]], BeforeValidator(_normalize_prompt), WithJsonSchema(PROMPT_SCHEMA)]
     max_tokens: StrictInt | None = Field(16, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: bool | None = False
@@ -145,7 +160,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str | None, BeforeValidator(_normalize_content)] = None
+    content: Annotated[str | None, BeforeValidator(_normalize_content), WithJsonSchema(CONTENT_SCHEMA)] = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[Any] | None = None

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, retry_after, timed_out
+from moe_core.logs import REQUEST_ID_HEADER
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import from_server
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts and logprob-heavy chunks exceed gRPC's 4 MiB default
 FAILURE_COOLDOWN_S = 5.0  # how long a router that did not answer sorts behind the others
 INFO_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 1  # queue full or no capacity: worth trying again soon
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -41,14 +43,15 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> GatewayError:
     """The client-facing error for a failed router call."""
     code, details = exc.code(), exc.details() or ""
     status = HTTP_STATUS.get(code, 500)
+    headers = retry_after(RETRY_AFTER_S) if status in (429, 503) else None
     if status == 504:
-        return GatewayError(504, "The request timed out before the model finished.")
+        return timed_out()
     if status == 503 and not (from_server(exc) and details):  # the transport's details name sockets, not causes
-        return GatewayError(503, "No router is reachable to serve the request; try again shortly.")
+        return GatewayError(503, "No router is reachable to serve the request; try again shortly.", headers=headers)
     if status == 500:
         log.error("router call failed: %s %s", code.name, details)
         return GatewayError(500, "The model server failed while processing the request.")
-    return GatewayError(status, details or code.name.lower().replace("_", " "))
+    return GatewayError(status, details or code.name.lower().replace("_", " "), headers=headers)
 
 
 @dataclass
@@ -91,12 +94,15 @@ class RouterPool:
         return {router.address: router.in_flight for router in self._routers}
 
     async def generate(self, prompt_ids: Sequence[int], sampling: router_pb2.SamplingParams, request_id: str,
-                       *, timeout_s: float | None = None) -> AsyncIterator[router_pb2.GenerateChunk]:
+                       *, timeout_s: float | None = None,
+                       trace_id: str | None = None) -> AsyncIterator[router_pb2.GenerateChunk]:
         """Stream one generation. Closing or cancelling the iteration cancels the call, freeing the sequence.
 
+        `trace_id` (the HTTP request's id) travels as `x-request-id` metadata, so the router's logs carry it.
         A router that is UNAVAILABLE before its first chunk is retried once on another router.
         """
         request = router_pb2.GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling)
+        metadata = ((REQUEST_ID_HEADER, trace_id),) if trace_id else None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         tried: set[str] = set()
         while True:
@@ -105,7 +111,7 @@ class RouterPool:
             timeout = _remaining(deadline)
             started = False
             router.in_flight += 1
-            call = router.stub().Generate(request, timeout=timeout)
+            call = router.stub().Generate(request, timeout=timeout, metadata=metadata)
             try:
                 async for chunk in call:
                     started = True
@@ -185,5 +191,5 @@ def _remaining(deadline: float | None) -> float | None:
         return None
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise GatewayError(504, "The request timed out before the model finished.")
+        raise timed_out()
     return remaining

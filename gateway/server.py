@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,22 +13,52 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
+log = logging.getLogger("gateway")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn that reports when it listens and exits cleanly on SIGTERM.
+    """uvicorn that reports when it listens, drains on SIGTERM, and then exits cleanly.
+
+    Draining: the first SIGTERM calls `on_drain` (the app's /readyz turns 503) and the server keeps serving,
+    new requests included, for `drain_grace_s` so that load balancers notice; then it stops accepting and
+    uvicorn's graceful shutdown waits up to `timeout_graceful_shutdown` for the requests in flight. SIGINT
+    (Ctrl-C: a person, not a load balancer) skips the grace; a second signal ends the grace at once, and a
+    second SIGINT during the wait abandons it.
 
     Stock uvicorn re-raises a caught SIGTERM after its graceful shutdown, which kills the process with the
     signal before our own cleanup (closing channels, removing the ready file) can run.
     """
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None):
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None,
+                 on_drain: Callable[[], None] | None = None, drain_grace_s: float = 0.0):
         super().__init__(config)
         self._on_started = on_started
+        self._on_drain = on_drain
+        self.drain_grace_s = drain_grace_s
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:
+            super().handle_exit(sig, frame)  # stop accepting now; a second SIGINT abandons in-flight requests
+            return
+        self.draining = True
+        if self._on_drain is not None:
+            self._on_drain()
+        grace = self.drain_grace_s if sig == signal.SIGTERM else 0.0
+        log.info("draining: /readyz answers 503; still accepting requests for %.1f s, then waiting up to "
+                 "%s s for those in flight", grace, self.config.timeout_graceful_shutdown)
+        if grace > 0:
+            asyncio.get_running_loop().call_later(grace, self._stop_accepting)
+        else:
+            self._stop_accepting()
+
+    def _stop_accepting(self) -> None:
+        self.should_exit = True  # uvicorn's shutdown: close the listener, then wait for requests in flight
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)

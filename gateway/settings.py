@@ -9,6 +9,9 @@ from pathlib import Path
 from moe_core.settings import check, setting
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+# What a key may hold: it travels in an HTTP header, so printable ASCII without spaces.
+KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
 # host:port where host is a name, an IPv4 address or a bracketed IPv6 address.
 ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -33,12 +36,31 @@ class GatewaySettings:
     max_stop_sequences: int = setting(8, "Most stop strings one request may give")
     max_choices: int = setting(256, "Most completions one request may ask for (prompts × n), each a router call")
     startup_timeout_s: float = setting(60.0, "How long to wait at start for a router to answer before giving up")
+    max_prompt_tokens: int = setting(0, "Longest prompt accepted, in tokens (400 beyond; 0: the model's context)")
+    max_tokens_limit: int = setting(0, "Largest max_tokens a request may ask for (400 beyond; 0: the model's "
+                                       "context); also caps the output of chat requests that give none")
+    api_keys: list[str] = setting([], "API keys: when any is set (here or in --api-keys-file), every route but "
+                                      "/healthz, /readyz, /metrics and /openapi.json needs `Authorization: Bearer "
+                                      "KEY`; repeat the flag or comma-separate the variable; empty: no authentication")
+    api_keys_file: str | None = setting(None, "File of API keys, one per line (blank lines and # comments ignored), "
+                                              "added to --api-keys")
+    rate_limit_rpm: int = setting(0, "Requests per minute per API key (per client address without keys), as a "
+                                     "token bucket holding one minute's worth; 429 beyond; 0: no limit")
+    max_streams_per_key: int = setting(0, "Requests in flight at once per API key (per client address without "
+                                          "keys), streaming or not; 429 beyond; 0: no limit")
+    drain_grace_s: float = setting(5.0, "On SIGTERM: seconds of answering 503 on /readyz while still serving new "
+                                        "requests (so load balancers notice), before no longer accepting")
     drain_timeout_s: float = setting(30.0, "On SIGTERM/SIGINT, how long in-flight requests may take to finish")
     log_level: str = setting("info", "Logging level", choices=LOG_LEVELS)
+    log_format: str = setting("text", "Log lines as text or as one JSON object each", choices=LOG_FORMATS)
+    log_prompts: bool = setting(False, "Log prompts (at debug level, with the request id); off: prompt text is "
+                                       "never logged")
 
     def __post_init__(self) -> None:
         if not self.model_name and self.model:
             self.model_name = Path(self.model).resolve().name
+        # A flag may also hold several comma-separated keys; whitespace around a key is not part of it.
+        self.api_keys = [key.strip() for item in self.api_keys for key in item.split(",") if key.strip()]
 
     def validate(self) -> None:
         check(Path(self.model).is_dir(), "model", f"{self.model} is not a folder")
@@ -54,6 +76,26 @@ class GatewaySettings:
         check(self.max_stop_sequences >= 0, "max_stop_sequences", "must not be negative")
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", "must not be negative")
+        check(self.drain_grace_s >= 0, "drain_grace_s", "must not be negative")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "rate_limit_rpm", "max_streams_per_key"):
+            check(getattr(self, name) >= 0, name, "must not be negative (0: no limit)")
+        self.configured_keys()
+
+    def configured_keys(self) -> list[str]:
+        """Every API key, from --api-keys and --api-keys-file; checked, and never named in an error."""
+        keys = list(self.api_keys)
+        if self.api_keys_file:
+            path = Path(self.api_keys_file)
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                check(False, "api_keys_file", f"cannot read {path}: {type(exc).__name__}")
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            check(len(keys) > 0, "api_keys_file", f"{path} holds no key")
+        for i, key in enumerate(keys):
+            check(KEY_CHARS.match(key) is not None, "api_keys",
+                  f"key #{i + 1} has characters other than printable ASCII without spaces")
+        return keys
 
 
 def valid_address(address: str) -> bool:

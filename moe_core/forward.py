@@ -51,6 +51,7 @@ class StepBatch:
     context_lens: torch.Tensor | None = None  # [num_decode], including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
+    request_ids: list[str] = field(default_factory=list)  # the requests in the step, for logs downstream
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ExpertCall:
     weights: torch.Tensor
     ids: torch.Tensor
     num_decode: int = 0  # rows [0, num_decode) are decode tokens, the rest prompt tokens
+    request_ids: list[str] = field(default_factory=list)
 
 
 class ExpertHandle(Protocol):
@@ -85,7 +87,7 @@ def layer_program(model: DenseModel, kv: list[KvLayer], block_size: int, batch: 
             h = h + swiglu(x, layer.mlp)
             continue
         weights, ids = route(model.cfg, layer.router, x)
-        out = yield ExpertCall(index, x, weights, ids, batch.num_decode)
+        out = yield ExpertCall(index, x, weights, ids, batch.num_decode, batch.request_ids)
         if layer.shared is not None:
             out = out + shared_expert(layer, x)
         h = h + out

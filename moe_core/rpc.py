@@ -15,6 +15,7 @@ import os
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,37 @@ async def set_serving(servicer: health.aio.HealthServicer, services: list[str], 
         await servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on host:port (0 picks a free port); return the port actually bound."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+@dataclass(frozen=True)
+class Tls:
+    """PEM files for one side of a TLS connection.
+
+    Server: `cert`/`key` are its identity; `ca`, when set, must have signed every client's certificate
+    (mutual TLS). Client: `ca` verifies the server; `cert`/`key`, when set, are its own identity.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    server_name: str | None = None  # client only: the name to check in the server's certificate
+
+    def _read(self, path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self._read(self.key), self._read(self.cert))],
+                                           root_certificates=self._read(self.ca), require_client_auth=bool(self.ca))
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self._read(self.ca), private_key=self._read(self.key),
+                                            certificate_chain=self._read(self.cert))
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, tls: Tls | None = None) -> int:
+    """Listen on host:port (0 picks a free port), with TLS when given; return the port actually bound."""
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     return bound
 
 
@@ -190,5 +217,8 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, tls: Tls | None = None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else [])]
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)

@@ -85,7 +85,8 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
             argv = _python("expert_service", "--model", str(model), "--placement", str(placement),
                            "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--metrics-port", "0",
                            "--ready-file", str(ready),
-                           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads), *args.expert_arg)
+                           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads),
+                           "--drain-grace-s", "0.5", *args.expert_arg)
             services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r})))
     return services
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from moe_core.errors import MoeServeError
 from moe_core.lifecycle import die_with_parent
+from moe_core.logs import setup_logging
 from moe_core.settings import parse_settings
 from router_service.server import run
 from router_service.settings import RouterSettings
@@ -15,8 +15,7 @@ from router_service.settings import RouterSettings
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     settings = parse_settings(RouterSettings, argv, prog="python -m router_service")
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format, "router")
     try:
         run(settings)
     except MoeServeError as exc:

@@ -58,7 +58,8 @@ class CachedExperts(ExpertBackend):
         if misses:
             index = torch.tensor(misses, device=call.x.device)
             handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
-                                                  num_decode=sum(1 for r in misses if r < call.num_decode)))
+                                                  num_decode=sum(1 for r in misses if r < call.num_decode),
+                                                  request_ids=call.request_ids))
         return _Assembly(self, call.x, hit, misses, handle, writes)
 
     def _cached_rows(self, call: ExpertCall) -> list[int]:

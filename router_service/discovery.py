@@ -17,6 +17,7 @@ import time
 
 from moe_core.config import MoeConfig
 from moe_core.errors import ConfigError, UnavailableError
+from moe_core.rpc import Tls
 from router_service.replica import Replica, ReplicaError
 from router_service.shard_map import Shard, ShardMap
 
@@ -55,8 +56,8 @@ async def resolve(address: str) -> list[str]:
 class ReplicaSet:
     """The configured addresses of one shard and the replicas they currently stand for."""
 
-    def __init__(self, shard: Shard, configured: list[str]):
-        self.shard, self.configured = shard, configured
+    def __init__(self, shard: Shard, configured: list[str], tls: Tls | None = None):
+        self.shard, self.configured, self.tls = shard, configured, tls
 
     async def refresh(self) -> None:
         wanted = [a for address in self.configured for a in await resolve(address)]
@@ -66,7 +67,7 @@ class ReplicaSet:
         for address in wanted:
             if address not in current:
                 log.info("shard %s: new replica %s", self.shard.shard_id, address)
-                self.shard.replicas.append(Replica(self.shard.shard_id, address))
+                self.shard.replicas.append(Replica(self.shard.shard_id, address, self.tls))
         for address, replica in current.items():
             if address not in wanted and any(_is_name(a.rpartition(":")[0]) for a in self.configured):
                 log.info("shard %s: replica %s left", self.shard.shard_id, address)
@@ -74,10 +75,10 @@ class ReplicaSet:
                 await replica.close()
 
 
-async def discover(cfg: MoeConfig, addresses: dict[str, list[str]], revision: str, timeout_s: float
-                   ) -> tuple[ShardMap, list[ReplicaSet]]:
+async def discover(cfg: MoeConfig, addresses: dict[str, list[str]], revision: str, timeout_s: float,
+                   tls: Tls | None = None) -> tuple[ShardMap, list[ReplicaSet]]:
     """Resolve and ask every replica what it holds; wait until each shard has a live replica."""
-    sets = [ReplicaSet(Shard(shard_id, [], set()), list(addrs)) for shard_id, addrs in addresses.items()]
+    sets = [ReplicaSet(Shard(shard_id, [], set()), list(addrs), tls) for shard_id, addrs in addresses.items()]
     deadline = time.monotonic() + timeout_s
     while True:
         for replica_set in sets:

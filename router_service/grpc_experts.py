@@ -86,15 +86,16 @@ class GrpcExperts(ExpertBackend):
             raise RuntimeError("GrpcExperts must be called off the event loop's thread (it blocks on it)")
         started = time.perf_counter()
         parts = self.map.split(call.layer, call.ids, call.weights)
-        requests = [self._request(call.layer, call.x, part) for part in parts]
+        requests = [self._request(call.layer, call.x, part, call.request_ids) for part in parts]
         future = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop)
         return _Pending(self, call.layer, call.x, parts, future, started)
 
-    def _request(self, layer: int, x: torch.Tensor, part: Part) -> expert_pb2.ExpertRequest:
+    def _request(self, layer: int, x: torch.Tensor, part: Part, request_ids: list[str] = ()
+                 ) -> expert_pb2.ExpertRequest:
         return expert_pb2.ExpertRequest(model_revision=self.revision, layer=layer,
                                         hidden=codec.encode(x[part.rows.to(x.device)]),
                                         expert_ids=codec.encode(part.ids), expert_weights=codec.encode(part.weights),
-                                        step_id=next(self._steps))
+                                        step_id=next(self._steps), request_ids=request_ids)
 
     def _account(self, layer: int, parts: list[Part], responses: list, seconds: float) -> None:
         with self._lock:

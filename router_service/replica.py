@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_core.pb import expert_pb2, expert_pb2_grpc
-from moe_core.rpc import StatusError, channel
+from moe_core.rpc import StatusError, Tls, channel
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -78,8 +78,8 @@ class _Stream:
 
 
 class Replica:
-    def __init__(self, shard_id: str, address: str):
-        self.shard_id, self.address = shard_id, address
+    def __init__(self, shard_id: str, address: str, tls: Tls | None = None):
+        self.shard_id, self.address, self.tls = shard_id, address, tls
         self._channel: grpc.aio.Channel | None = None  # made on first use, inside the event loop
         self.live = False
         self.outstanding = 0
@@ -89,7 +89,7 @@ class Replica:
 
     def _connect(self) -> None:
         if self._channel is None:
-            self._channel = channel(self.address)
+            self._channel = channel(self.address, self.tls)
             self._stub = expert_pb2_grpc.ExpertServiceStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -18,7 +18,7 @@ from moe_core.metrics import serve_metrics
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.placement import load_placement
 from moe_core.revision import model_revision
-from moe_core.rpc import add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
 from moe_core.tokenizer import Tokenizer
 from moe_core.weights import load_experts
 from router_service.cache import CacheConfig
@@ -64,6 +64,17 @@ def shard_addresses(settings: RouterSettings, cfg) -> dict[str, list[str]]:
     return settings.shard_addresses()
 
 
+def expert_tls(settings: RouterSettings) -> Tls | None:
+    if not settings.expert_tls_ca:
+        return None
+    return Tls(cert=settings.expert_tls_cert, key=settings.expert_tls_key, ca=settings.expert_tls_ca,
+               server_name=settings.expert_tls_server_name)
+
+
+def server_tls(settings: RouterSettings) -> Tls | None:
+    return Tls(cert=settings.tls_cert, key=settings.tls_key, ca=settings.tls_client_ca) if settings.tls_cert else None
+
+
 def cache_config(settings: RouterSettings) -> CacheConfig:
     return CacheConfig(mode=settings.cache, redis_url=settings.redis_url, ttl_s=settings.cache_ttl_s,
                        local_bytes=settings.cache_local_mib << 20, phases=settings.cache_phases,
@@ -93,7 +104,7 @@ async def build_router(settings: RouterSettings) -> Router:
         experts = LocalExperts(load_experts(ckpt, model.cfg, None, dtype, device))
     else:
         shard_map, replica_sets = await discover(model.cfg, shard_addresses(settings, model.cfg), revision,
-                                                 settings.connect_timeout_s)
+                                                 settings.connect_timeout_s, expert_tls(settings))
         registry.register(ShardHealth(shard_map))
         experts = grpc_experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(),
                                              settings.rpc_timeout_s, DispatchMetrics(registry))
@@ -122,9 +133,10 @@ async def serve(settings: RouterSettings) -> None:
                                 created=int(time.time()), experts_backend=settings.experts)
     loop = EngineLoop(engine).start()
     server = new_server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(loop, info, router), server)
+    servicer = RouterServicer(loop, info, router, settings.max_queue)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
     health = add_health(server)
-    port = bind(server, settings.host, settings.port)
+    port = bind(server, settings.host, settings.port, server_tls(settings))
     await server.start()
     metrics_port = serve_metrics(settings.metrics_port, settings.host, router.registry)
     await set_serving(health, [SERVICE], True)
@@ -136,15 +148,26 @@ async def serve(settings: RouterSettings) -> None:
              router.revision, settings.experts, engine.kv.capacity_tokens, settings.host, port)
     write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, role="router")
     await stop.wait()
-    log.info("shutting down")
-    await set_serving(health, [SERVICE], False)
-    await server.stop(grace=5.0)
-    loop.stop()
+    await drain(servicer, health, loop, settings.drain_timeout_s)
+    await server.stop(grace=2.0)
     if watcher:
         await watcher
     if router.grpc_experts:
         await router.grpc_experts.aclose()
     engine.experts.close()
+
+
+async def drain(servicer: RouterServicer, health, loop: EngineLoop, timeout_s: float) -> None:
+    """Stop intake (readiness first), let accepted requests finish for up to `timeout_s`, end the rest cleanly."""
+    servicer.draining = True
+    await set_serving(health, [SERVICE], False)
+    log.info("draining: %d requests in flight, up to %.0fs", loop.in_flight, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while loop.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if loop.in_flight:
+        log.warning("%d requests still running after %.0fs; ending them with an error", loop.in_flight, timeout_s)
+    await asyncio.to_thread(loop.stop)  # any request left ends with UNAVAILABLE, never silently
 
 
 def run(settings: RouterSettings) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 
 import grpc
 
 from moe_core.errors import MoeServeError, RequestError
+from moe_core.logs import REQUEST_ID, REQUEST_ID_HEADER
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import StatusError
 from router_service.engine.engine import RequestOutput
 from router_service.engine.loop import EngineLoop
 from router_service.engine.params import SamplingParams
 from router_service.shard_map import ShardMap
+
+log = logging.getLogger(__name__)
 
 
 def sampling_from_proto(p: router_pb2.SamplingParams) -> SamplingParams:
@@ -33,30 +38,57 @@ def chunk_from_output(out: RequestOutput) -> router_pb2.GenerateChunk:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, loop: EngineLoop, info: router_pb2.ModelInfo, router):
-        self.loop, self.info, self.router = loop, info, router
+    def __init__(self, loop: EngineLoop, info: router_pb2.ModelInfo, router, max_queue: int = 256):
+        self.loop, self.info, self.router, self.max_queue = loop, info, router, max_queue
         self.shard_map: ShardMap | None = router.shard_map
+        self.draining = False
+
+    def _admit(self) -> None:
+        """Refuse work the router would only queue without bound or fail later anyway."""
+        if self.draining:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; retry on another one")
+        if self.loop.engine.num_waiting >= self.max_queue:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the router's queue is full ({self.max_queue} requests waiting); retry shortly")
+        down = [s.shard_id for s in self.shard_map.shards if not s.live] if self.shard_map else []
+        if down:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE,
+                              f"expert shard {', '.join(down)} has no live replica; try again shortly")
 
     async def Generate(self, request, context):
+        incoming = dict(context.invocation_metadata() or ())
+        tag = incoming.get(REQUEST_ID_HEADER) or request.request_id or "req"
+        REQUEST_ID.set(tag)
+        self._admit()
         params = sampling_from_proto(request.sampling)
-        request_id = f"{request.request_id or 'req'}-{uuid.uuid4().hex[:8]}"
+        request_id = f"{tag}-{uuid.uuid4().hex[:8]}"
+        started, last = time.monotonic(), None
         try:
             async for out in self.loop.astream(list(request.prompt_ids), params, request_id):
                 if out.finish_reason == "error":
                     code = grpc.StatusCode.UNAVAILABLE if out.error_code == "unavailable" else grpc.StatusCode.INTERNAL
                     raise StatusError(code, out.error or "generation failed")
+                last = out
                 yield chunk_from_output(out)
         except RequestError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except MoeServeError as exc:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        finally:
+            if last is not None and last.finished:
+                log.info("finished %s: %s, %d prompt + %d generated tokens in %.3fs", request_id, last.finish_reason,
+                         last.prompt_tokens, last.completion_tokens, time.monotonic() - started)
+            else:
+                log.info("ended %s early (client cancelled or error) after %.3fs", request_id,
+                         time.monotonic() - started)
 
     async def GetModelInfo(self, request, context):
         return self.info
 
     async def GetClusterStatus(self, request, context):
         engine = self.loop.engine
-        status = router_pb2.ClusterStatus(running=engine.num_running, waiting=engine.num_waiting, ready=True)
+        status = router_pb2.ClusterStatus(running=engine.num_running, waiting=engine.num_waiting,
+                                          ready=not self.draining, reason="draining" if self.draining else "")
         for shard in self.shard_map.shards if self.shard_map else []:
             replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.outstanding,
                                                  last_error=r.last_error) for r in shard.replicas]
@@ -67,7 +99,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 calls=stats.calls, seconds=stats.seconds, retries=stats.retries,
                 shard_compute_seconds=stats.shard_compute_seconds))
         down = [s.shard_id for s in self.shard_map.shards if not s.live] if self.shard_map else []
-        if down:
+        if down and not self.draining:
             status.ready, status.reason = False, f"no live replica for shard(s) {', '.join(down)}"
         return status
 

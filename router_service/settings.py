@@ -33,6 +33,10 @@ class RouterSettings:
     overlap: bool = setting(False, "split each step into two micro-batches so one computes while the other's "
                                    "experts are in flight (grpc experts only; pays off when the expert services run "
                                    "on other machines or GPUs, not when they share this machine's cores)")
+    max_queue: int = setting(256, "most requests waiting for a batch slot; past it new requests get "
+                                   "RESOURCE_EXHAUSTED (HTTP 429) instead of unbounded latency")
+    drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests may run before they end "
+                                           "with an error")
     rpc_timeout_s: float = setting(30.0, "deadline of one call to an expert shard")
     health_interval_s: float = setting(1.0, "how often replicas are health-checked (and down ones probed)")
     connect_timeout_s: float = setting(120.0, "how long to wait at start for every shard to answer")
@@ -48,6 +52,15 @@ class RouterSettings:
     model_id: str | None = setting(None, "model name reported to clients (default: the folder name)")
     ready_file: str | None = setting(None, "write {pid, port} here as JSON once serving")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("text", "log lines as text or one JSON object per line", choices=["text", "json"])
+    tls_cert: str | None = setting(None, "PEM certificate of this router's gRPC server (enables TLS)")
+    tls_key: str | None = setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: str | None = setting(None, "PEM CA; clients (gateways) must present a certificate it signed")
+    expert_tls_ca: str | None = setting(None, "PEM CA that signed the expert services' certificates (enables TLS)")
+    expert_tls_cert: str | None = setting(None, "PEM client certificate presented to expert services (mutual TLS)")
+    expert_tls_key: str | None = setting(None, "PEM private key for --expert-tls-cert")
+    expert_tls_server_name: str | None = setting(None, "name to verify in the experts' certificates (default: "
+                                                       "the address's host)")
 
     def validate(self) -> None:
         check(0 <= self.port < 65536, "port", f"{self.port} is not a TCP port")
@@ -68,6 +81,13 @@ class RouterSettings:
         for name in ("rpc_timeout_s", "health_interval_s", "connect_timeout_s"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.threads >= 0, "threads", "must be >= 0")
+        check(self.max_queue > 0 and self.drain_timeout_s >= 0, "max_queue", "must be positive")
+        check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "give both --tls-cert and --tls-key")
+        check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "mutual TLS needs --tls-cert too")
+        check(bool(self.expert_tls_cert) == bool(self.expert_tls_key), "expert_tls_cert",
+              "give both --expert-tls-cert and --expert-tls-key")
+        check(not self.expert_tls_cert or bool(self.expert_tls_ca), "expert_tls_ca",
+              "a client certificate for experts needs --expert-tls-ca")
         check(self.cache != "redis" or bool(self.redis_url), "redis_url", "--cache redis needs a Redis URL")
         check(self.cache_local_mib > 0 and self.cache_ttl_s > 0 and self.cache_redis_timeout_ms > 0, "cache_local_mib",
               "cache sizes and times must be positive")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moe_core.pb import tensor_pb2 as moe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/expert.proto\x12\x06moe.v1\x1a\x13moe/v1/tensor.proto\"\xb3\x01\n\rExpertRequest\x12\x16\n\x0emodel_revision\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1e\n\x06hidden\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\"\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12&\n\x0e\x65xpert_weights\x18\x05 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07step_id\x18\x06 \x01(\x04\"x\n\x0e\x45xpertResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1c\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.moe.v1.Error\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"9\n\nExpertPair\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0c\n\x04rows\x18\x03 \x01(\x04\"\xc9\x01\n\tShardInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12#\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x12.moe.v1.ExpertPair\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x08 \x01(\x05\x12\x12\n\nreplica_id\x18\t \x01(\t2\xc5\x01\n\rExpertService\x12\x38\n\x07\x46orward\x12\x15.moe.v1.ExpertRequest\x1a\x16.moe.v1.ExpertResponse\x12\x42\n\rForwardStream\x12\x15.moe.v1.ExpertRequest\x1a\x16.moe.v1.ExpertResponse(\x01\x30\x01\x12\x36\n\x08\x44\x65scribe\x12\x17.moe.v1.DescribeRequest\x1a\x11.moe.v1.ShardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/expert.proto\x12\x06moe.v1\x1a\x13moe/v1/tensor.proto\"\xc8\x01\n\rExpertRequest\x12\x16\n\x0emodel_revision\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1e\n\x06hidden\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\"\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12&\n\x0e\x65xpert_weights\x18\x05 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07step_id\x18\x06 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x07 \x03(\t\"x\n\x0e\x45xpertResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1c\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.moe.v1.Error\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"9\n\nExpertPair\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0c\n\x04rows\x18\x03 \x01(\x04\"\xc9\x01\n\tShardInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12#\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x12.moe.v1.ExpertPair\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x08 \x01(\x05\x12\x12\n\nreplica_id\x18\t \x01(\t2\xc5\x01\n\rExpertService\x12\x38\n\x07\x46orward\x12\x15.moe.v1.ExpertRequest\x1a\x16.moe.v1.ExpertResponse\x12\x42\n\rForwardStream\x12\x15.moe.v1.ExpertRequest\x1a\x16.moe.v1.ExpertResponse(\x01\x30\x01\x12\x36\n\x08\x44\x65scribe\x12\x17.moe.v1.DescribeRequest\x1a\x11.moe.v1.ShardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe.v1.expert_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERTREQUEST']._serialized_start=53
-  _globals['_EXPERTREQUEST']._serialized_end=232
-  _globals['_EXPERTRESPONSE']._serialized_start=234
-  _globals['_EXPERTRESPONSE']._serialized_end=354
-  _globals['_ERROR']._serialized_start=356
-  _globals['_ERROR']._serialized_end=394
-  _globals['_DESCRIBEREQUEST']._serialized_start=396
-  _globals['_DESCRIBEREQUEST']._serialized_end=413
-  _globals['_EXPERTPAIR']._serialized_start=415
-  _globals['_EXPERTPAIR']._serialized_end=472
-  _globals['_SHARDINFO']._serialized_start=475
-  _globals['_SHARDINFO']._serialized_end=676
-  _globals['_EXPERTSERVICE']._serialized_start=679
-  _globals['_EXPERTSERVICE']._serialized_end=876
+  _globals['_EXPERTREQUEST']._serialized_end=253
+  _globals['_EXPERTRESPONSE']._serialized_start=255
+  _globals['_EXPERTRESPONSE']._serialized_end=375
+  _globals['_ERROR']._serialized_start=377
+  _globals['_ERROR']._serialized_end=415
+  _globals['_DESCRIBEREQUEST']._serialized_start=417
+  _globals['_DESCRIBEREQUEST']._serialized_end=434
+  _globals['_EXPERTPAIR']._serialized_start=436
+  _globals['_EXPERTPAIR']._serialized_end=493
+  _globals['_SHARDINFO']._serialized_start=496
+  _globals['_SHARDINFO']._serialized_end=697
+  _globals['_EXPERTSERVICE']._serialized_start=700
+  _globals['_EXPERTSERVICE']._serialized_end=897
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("model_revision", "layer", "hidden", "expert_ids", "expert_weights", "step_id")
+    __slots__ = ("model_revision", "layer", "hidden", "expert_ids", "expert_weights", "step_id", "request_ids")
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     model_revision: str
     layer: int
     hidden: _tensor_pb2.Tensor
     expert_ids: _tensor_pb2.Tensor
     expert_weights: _tensor_pb2.Tensor
     step_id: int
-    def __init__(self, model_revision: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_revision: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertResponse(_message.Message):
     __slots__ = ("step_id", "output", "error", "compute_seconds")

@@ -49,6 +49,7 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
     batch.positions = torch.cat(positions).to(device)
     batch.slots = torch.cat(slots).to(device)
     batch.logit_rows = torch.tensor(logit_rows, dtype=torch.int64, device=device)
+    batch.request_ids = [s.request_id for s in step.decodes] + [s.request_id for s, _ in step.prefills]
     return batch, sample
 
 

@@ -34,6 +34,11 @@ class EngineLoop:
         self._thread.start()
         return self
 
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
@@ -139,6 +144,6 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         for request_id, sink in list(self._sinks.items()):
             out = self.engine.abort(request_id) or RequestOutput(request_id, finished=True)
-            out.finish_reason, out.error = "error", message
+            out.finish_reason, out.error, out.error_code = "error", message, "unavailable"
             sink(out)
         self._sinks.clear()

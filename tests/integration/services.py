@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import redis
 
 from moe_core.placement import ShardSpec, write_placement
 from moe_serve.launcher import ProcessGroup, Service
+from tests.conftest import need_tool
 
 
 class Cluster:
@@ -22,14 +28,15 @@ class Cluster:
         argv = [sys.executable, "-m", module, *flags, "--ready-file", str(ready)]
         return self.group.start(Service(name, role, argv, ready, info))
 
-    def expert(self, model: Path, spec: ShardSpec, replica: int, port: int = 0, threads: int = 1) -> Service:
+    def expert(self, model: Path, spec: ShardSpec, replica: int, port: int = 0, threads: int = 1,
+               extra: list[str] | None = None) -> Service:
         placement = self.run_dir / "placement.json"
         if not placement.exists():
             raise RuntimeError("write the placement first (Cluster.placement)")
         return self._start(f"expert {spec.shard_id}.{replica}", "expert", "expert_service",
                            ["--model", str(model), "--placement", str(placement), "--shard-id", spec.shard_id,
                             "--port", str(port), "--metrics-port", "0", "--dtype", "float32", "--device", "cpu",
-                            "--threads", str(threads)],
+                            "--threads", str(threads), "--drain-grace-s", "0.2", *(extra or [])],
                            shard=spec.shard_id, replica=replica)
 
     def placement(self, specs: list[ShardSpec]) -> Path:
@@ -59,3 +66,42 @@ class Cluster:
     def stop(self) -> None:
         self.group.stop()
         self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server: tests stop and restart it, so never the machine's shared one."""
+
+    def __init__(self):
+        self.binary = need_tool("redis-server")
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--maxmemory", "64mb",
+                                         "--maxmemory-policy", "allkeys-lru"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
