@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 
 from moe_core.pb import router_pb2, router_pb2_grpc
 
@@ -21,6 +22,8 @@ CONFIGS = {
     "cluster-2": ["--shards", "2"],
     "cluster-2x2": ["--shards", "2", "--replicas", "2"],
     "cluster-2-layers": ["--shards", "2", "--split", "layers"],  # whole layers per shard
+    "cluster-2-cache-local": ["--shards", "2", "--cache", "local"],
+    "cluster-2-cache-redis": ["--shards", "2", "--cache", "redis"],  # + --redis URL, a fresh key prefix per run
 }
 
 
@@ -42,6 +45,19 @@ class Running:
         with grpc.insecure_channel(f"127.0.0.1:{self.router['port']}") as channel:
             stub = router_pb2_grpc.RouterServiceStub(channel)
             return stub.GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=10).dispatch
+
+    def cache_counts(self) -> dict[str, float]:
+        """The router's expert-cache lookups so far, as {"local:hit": n, "redis:error": n, ...}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.router["metrics_url"], timeout=10).text
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "moe_expert_cache_requests":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        counts[f"{sample.labels['tier']}:{sample.labels['result']}"] = sample.value
+        return counts
 
     def peak_rss_mib(self) -> dict[str, float]:
         """Peak resident memory (VmHWM) of every service, by name."""
@@ -65,12 +81,15 @@ class Running:
 
 
 def start(name: str, model: Path, run_dir: Path, dtype: str, extra: list[str] | None = None,
-          timeout: float = 600) -> Running:
+          timeout: float = 600, redis_url: str | None = None) -> Running:
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster_file = run_dir / "cluster.json"
     cluster_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(model), "--port", "0", "--run-dir",
             str(run_dir), "--dtype", dtype, "--kv-cache-mib", "2048", *CONFIGS[name], *(extra or [])]
+    if name.endswith("redis"):  # a key prefix of its own, so no earlier run's entries count as hits
+        argv += ["--redis", redis_url or "redis://127.0.0.1:6379/0",
+                 f"--router-arg=--cache-prefix=bench{time.time_ns()}"]
     log = (run_dir / "up.log").open("w")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout

@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, default=Path("bench/out"))
     p.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/bench-<time>.json)")
     p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the *-cache-redis configs")
 
 
 def _revision() -> str:
@@ -79,14 +80,22 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
     return {"config": name, "runs": runs, "peak_rss_mib": rss}
 
 
+def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    lookups = delta.get("local:hit", 0) + delta.get("local:miss", 0)
+    hits = delta.get("local:hit", 0) + delta.get("redis:hit", 0)
+    return {"lookups": int(lookups), "hit_rate": round(hits / lookups, 4) if lookups else None,
+            **{key: int(value) for key, value in delta.items()}}
+
+
 def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
     if name in EXTERNAL:
         return bench_external(name, model, args, workloads)
-    running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag)
+    running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag, redis_url=args.redis_url)
     try:
         model_name = model.resolve().name
         asyncio.run(run_load(running.url, model_name, workloads[min(workloads)][:2], 1))  # warm-up
-        before = running.dispatch()
+        before, cache_before = running.dispatch(), running.cache_counts()
         runs = []
         for concurrency, requests in workloads.items():
             with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
@@ -100,6 +109,10 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
                 summary["dispatch_ms_per_layer"] = round(1e3 * seconds / calls, 3)
                 summary["dispatch_overhead_ms_per_layer"] = round(1e3 * (seconds - compute) / calls, 3)
             before = after
+            cache_after = running.cache_counts()
+            if cache_after:
+                summary["cache"] = cache_summary(cache_before, cache_after)
+                cache_before = cache_after
             runs.append(summary)
             print(json.dumps({"config": name, **{k: summary[k] for k in ("concurrency", "output_tok_s", "errors")},
                               "ttft_p50_ms": summary["ttft_ms"]["p50"]}), flush=True)

@@ -38,9 +38,31 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body:
         raise bad_request("The request body is empty; expected a JSON object.")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.") from None
+    check_text(value)
+    return value
+
+
+def check_text(value: Any) -> None:
+    """400 for a string holding an unpaired surrogate (JSON's `\\ud800`): no tokenizer or encoder takes one."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("The request body has a string with an unpaired surrogate (such as \\ud800), "
+                                  "which is not valid Unicode text.") from None
 
 
 def sse(data: dict[str, Any]) -> bytes:

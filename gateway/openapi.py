@@ -147,8 +147,10 @@ ERROR_MEANINGS = {
     504: "The request ran past its deadline",
 }
 GENERATION_ERRORS = (400, 404, 413, 429, 503, 504)
-SSE = {"schema": {"type": "string", "description": "Server-sent events: `data: {chunk JSON}` lines, then "
-                                                     "`data: [DONE]` (with `\"stream\": true`)"}}
+# Before OpenAPI 3.2, the `schema` of an event stream describes one event.
+SSE = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+                  "description": "With `\"stream\": true`: one event per chunk, `data` holding its JSON, then "
+                                 "`data: [DONE]`"}}
 
 # (method, path template) -> request body model, OK responses (status -> (description, content)), error statuses
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {

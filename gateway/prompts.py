@@ -127,7 +127,7 @@ def sampling_params(request: CommonRequest, limits: ModelLimits, *, max_tokens: 
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=max(request.top_k or 0, 0),
+        top_k=min(max(request.top_k or 0, 0), limits.vocab_size),  # k beyond the vocabulary keeps every token
         stop=request.stop_list,
         stop_token_ids=stop_ids,
         ignore_eos=bool(request.ignore_eos),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, V
 from gateway.errors import GatewayError, bad_request
 
 INT64 = 2**63
+INT32_MAX = 2**31 - 1  # the router's token counts are int32
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 R = TypeVar("R", bound="CommonRequest")
 TOOLS_FIELDS = ("tools", "tool_choice", "functions", "function_call")
@@ -133,7 +134,7 @@ class CommonRequest(BaseModel):
 
 class CompletionRequest(CommonRequest):
     prompt: Annotated[list[str | list[StrictInt]], BeforeValidator(_normalize_prompt), WithJsonSchema(PROMPT_SCHEMA)]
-    max_tokens: StrictInt | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
@@ -174,8 +175,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None

@@ -62,6 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-after-ask", action="store_true", help="with --ask: stop the cluster after the answer")
 
 
+def build_args(argv: list[str]) -> argparse.Namespace:
+    """`moe-serve up` arguments from a list (for tools that start clusters piece by piece, e.g. the soak run)."""
+    parser = argparse.ArgumentParser(prog="moe-serve up")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="moe-serve-"))
+    return args
+
+
 def _python(module: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", module, *flags]
 

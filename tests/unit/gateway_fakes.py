@@ -3,7 +3,8 @@
 The fake's Generate answers with tokens derived from the prompt (each prompt id shifted, cycling), one per
 chunk, honouring max_tokens, stop strings, seeds and logprobs. Markers in the prompt text script the rest:
 `#429`, `#503`, `#400`, `#500` fail before any chunk; `#hang` hangs before any chunk, `#hang1` after
-one chunk; `#midfail` fails after two chunks. Every request and every cancellation is recorded.
+one chunk; `#midfail` fails after two chunks; `#slow` waits SLOW_CHUNK_S before each chunk. Every request,
+its metadata and every cancellation is recorded; `info_hangs` makes GetModelInfo hang.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import SERVER_ORIGIN
 from moe_core.tokenizer import Tokenizer
 
+SLOW_CHUNK_S = 0.1
 FIRST_PLAIN_ID = 5  # the demo tokenizer's ids 0..4 are special tokens, which decode to nothing
 REVISION = "rev-test-1"
 CREATED = 1_700_000_000
@@ -53,13 +55,16 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
     tokenizer: Tokenizer
     max_model_len: int = 2048
     ready: bool = True
+    info_hangs: bool = False
     requests: list[router_pb2.GenerateRequest] = field(default_factory=list)
+    metadata: list[dict[str, str]] = field(default_factory=list)  # each Generate call's invocation metadata
     cancelled: list[str] = field(default_factory=list)  # request ids whose calls the client cancelled
     hanging: threading.Event = field(default_factory=threading.Event)  # set once a call hangs
     cancel_seen: threading.Event = field(default_factory=threading.Event)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         self.requests.append(request)
+        self.metadata.append({key: value for key, value in context.invocation_metadata() or ()})
         prompt = self.tokenizer.decode(request.prompt_ids, skip_special_tokens=False)
         for marker, (code, details) in ERRORS.items():
             if marker in prompt:
@@ -70,6 +75,8 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
         shift = 1 + (sampling.seed % 7 if sampling.HasField("seed") else 0)
         text = ""
         for i in range(sampling.max_tokens):
+            if "#slow" in prompt:
+                await asyncio.sleep(SLOW_CHUNK_S)
             token = fake_token(list(request.prompt_ids), i, shift, self.tokenizer.vocab_size)
             piece = self.tokenizer.decode([token])
             cut = _first_stop(text + piece, list(sampling.stop))
@@ -88,12 +95,18 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "shard 0 went down", trailing_metadata=SERVER_ORIGIN)
 
     async def GetModelInfo(self, request: Any, context: Any) -> router_pb2.ModelInfo:
+        if self.info_hangs:
+            await asyncio.Event().wait()
         return router_pb2.ModelInfo(model_id="demo", model_revision=REVISION, model_type="mixtral",
                                     vocab_size=self.tokenizer.vocab_size, max_model_len=self.max_model_len,
                                     created=CREATED, experts_backend="grpc")
 
     async def GetClusterStatus(self, request: Any, context: Any) -> router_pb2.ClusterStatus:
         return router_pb2.ClusterStatus(ready=self.ready, reason="" if self.ready else "shard 1 has no live replica")
+
+    async def GetExpertStats(self, request: Any, context: Any) -> router_pb2.ExpertStats:
+        return router_pb2.ExpertStats(num_layers=2, num_experts=4, moe_layers=[0, 1], tokens=[3, 1, 0, 2, 1, 1, 1, 1],
+                                      balancedness=[0.5, 1.0], window_steps=64)
 
     async def _hang(self, request: router_pb2.GenerateRequest) -> None:
         self.hanging.set()
@@ -169,8 +182,8 @@ class Harness:
         self.pool = RouterPool(routers)
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.settings, self.pool, self.tokenizer), lifespan="off",
-                                log_level="warning", timeout_graceful_shutdown=1)
+        self.app = create_app(self.settings, self.pool, self.tokenizer)
+        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1)
         self._server = GatewayServer(config, on_started=self._listening.set)
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
 

@@ -108,7 +108,14 @@ def test_unknown_fields_and_no_op_values_are_accepted(http: httpx.Client):
     assert http.post("/v1/chat/completions", json=body).status_code == 200
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b"[1, 2]", b"\xff\xfe",
+    b'{"model": "demo", "prompt": "a\\ud800b"}',  # unpaired surrogates: no tokenizer or encoder takes them
+    b'{"model": "demo", "messages": [{"role": "user", "content": "\\udfff"}]}',
+    b'{"model": "demo", "prompt": "a", "stop": ["\\ud800"]}',
+    b'{"model": "demo", "prompt": "a", "\\ud800": 1}',
+    b'{"model": "demo", "prompt": "a", "tool_choice": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+])
 def test_malformed_bodies_are_400(http: httpx.Client, content: bytes):
     response = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
     assert error_of(response, 400)["type"] == "invalid_request_error"

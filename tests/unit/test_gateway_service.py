@@ -53,11 +53,15 @@ def test_health_and_readiness(harness: Harness):
 
 def test_disconnect_mid_stream_cancels_the_router_call(harness: Harness):
     harness.fake.cancel_seen.clear()
+    harness.fake.hanging.clear()
     body = {"model": "demo", "prompt": "#hang1 story", "max_tokens": 8, "stream": True}
     with httpx.stream("POST", f"{harness.url}/v1/completions", json=body) as response:
-        first = next(response.iter_lines())
+        lines = response.iter_lines()  # kept: dropping the iterator would close the connection
+        first = next(lines)
         assert json.loads(first[len("data: "):])["choices"][0]["text"]
         assert harness.fake.hanging.wait(5)
+        time.sleep(0.2)
+        assert not harness.fake.cancel_seen.is_set()  # the stream lives as long as its client
     # Leaving the block closed the connection while the router was still generating.
     assert harness.fake.cancel_seen.wait(5)
     assert harness.fake.cancelled[-1] == harness.fake.requests[-1].request_id
@@ -165,7 +169,8 @@ def run_gateway(*args: str) -> subprocess.Popen:
 def test_process_serves_on_port_0_and_exits_cleanly_on_sigterm(demo_model, harness: Harness, tmp_path: Path):
     ready = tmp_path / "gateway.json"
     proc = run_gateway("--model", str(demo_model), "--router", harness.settings.router[-1], "--port", "0",
-                       "--ready-file", str(ready), "--model-name", "demo", "--log-level", "warning")
+                       "--ready-file", str(ready), "--model-name", "demo", "--log-level", "warning",
+                       "--drain-grace-s", "0.2")
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():  # a separate process: nothing to wait on but its file
