@@ -116,7 +116,9 @@ def gguf(work: Path, model_dir: Path, outtype: str) -> Path:
     source = llama_cpp_source(work)
     out = work / f"{model_dir.resolve().name}-{outtype}.gguf"
     if not out.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(source / "gguf-py")], check=True)
+        # The converter imports sentencepiece before it looks for a tokenizer.model, even for BPE tokenizers.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(source / "gguf-py"), "sentencepiece"],
+                       check=True)
         subprocess.run([sys.executable, "-c", CONVERT, str(model_dir.resolve()), "--outtype", outtype, "--outfile",
                         str(out)], cwd=source, check=True)
     return out

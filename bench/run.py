@@ -57,6 +57,12 @@ def _revision() -> str:
 EXTERNAL = ["transformers", "llamacpp-f32", "llamacpp-bf16"]
 
 
+def warm_up(args: argparse.Namespace, model: Path) -> list:
+    """Two requests of their own seed: prompts the measured workload never sends, so no cache hit comes from them."""
+    return mixed_workload(2, load_config(model).vocab_size, args.seed + 1, tuple(args.prompt_range),
+                          tuple(args.output_range))
+
+
 def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
     runs, rss = [], {}
     for concurrency, requests in workloads.items():
@@ -67,7 +73,7 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
             context = max(len(r.prompt_ids) + r.max_tokens for r in requests) + 16
             server = start_llama_server(args.work_dir / "llama.cpp", model, name.split("-")[1], concurrency, context)
             try:
-                asyncio.run(run_load(server.url, "gguf", requests[:2], 1))  # warm-up
+                asyncio.run(run_load(server.url, "gguf", warm_up(args, model), 1))
                 with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
                     results, wall = asyncio.run(run_load(server.url, "gguf", requests, concurrency, bar))
                 rss = server.peak_rss_mib()
@@ -94,7 +100,7 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
     running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag, redis_url=args.redis_url)
     try:
         model_name = model.resolve().name
-        asyncio.run(run_load(running.url, model_name, workloads[min(workloads)][:2], 1))  # warm-up
+        asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1))
         before, cache_before = running.dispatch(), running.cache_counts()
         runs = []
         for concurrency, requests in workloads.items():

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from bench.report import render
+
 
 def test_bench_writes_complete_results(demo_model, tmp_path):
     out = tmp_path / "bench.json"
@@ -32,3 +34,8 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     cluster_runs = report["configs"][1]["runs"]
     assert all(r["dispatch_ms_per_layer"] > r["dispatch_overhead_ms_per_layer"] > 0 for r in cluster_runs)
     assert len(report["configs"][1]["peak_rss_mib"]) == 4  # gateway, router, two experts
+
+    table = render(report, ["local:cluster-2"])
+    rows = [line for line in table.splitlines() if line.startswith(("| local |", "| cluster-2 |"))]
+    assert len(rows) == 2 * 2 + 2  # one per (config, concurrency), one RSS row per config
+    assert "- cluster-2 / local output tok/s: c=1: " in table and "c=3: " in table
