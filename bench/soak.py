@@ -31,9 +31,14 @@ from moe_serve import up
 from moe_serve.launcher import ProcessGroup, Service
 
 
-def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024, 1)
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of a process; None once it is gone (a killed process not yet reaped has no VmRSS)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return None if kib is None else round(kib / 1024, 1)
 
 
 def start_cluster(model: Path, run_dir: Path, dtype: str) -> tuple[ProcessGroup, list[Service], Service]:
@@ -66,8 +71,8 @@ def restart(group: ProcessGroup, dead: Service) -> Service:
 def sample_rss(group: ProcessGroup, every: float, stop: threading.Event, samples: list) -> None:
     """RSS of every live service every `every` seconds: a leak climbs, a working set levels off."""
     while not stop.wait(every):
-        samples.append({"t": round(time.time()), **{s.name: rss_mib(s.process.pid) for s in group.services
-                                                      if s.process.poll() is None}})
+        rss = {s.name: rss_mib(s.process.pid) for s in group.services if s.process.poll() is None}
+        samples.append({"t": round(time.time()), **{name: mib for name, mib in rss.items() if mib is not None}})
 
 
 def chaos(group: ProcessGroup, experts: list[Service], every: float, stop: threading.Event, log: list) -> None:
@@ -134,7 +139,7 @@ def main() -> None:
                   "model": str(model), "events": events, **summarize(results, wall),
                   "rss_start_mib": rss_start, "rss_end_mib": rss_end, "rss_samples_mib": samples,
                   "rss_growth": {name: round(rss_end[name] / rss_start[name] - 1, 3)
-                                 for name in rss_end if name in rss_start}}
+                                 for name in rss_end if rss_end[name] and rss_start.get(name)}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(json.dumps({k: report[k] for k in ("requests", "errors", "first_error", "output_tok_s", "e2e_ms",
