@@ -41,10 +41,24 @@ def rss_mib(pid: int) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
 
-def start_cluster(model: Path, run_dir: Path, dtype: str) -> tuple[ProcessGroup, list[Service], Service]:
+class ReplicaEnvGroup(ProcessGroup):
+    """A process group that starts every expert replica 1 with extra environment: an A/B under one load."""
+
+    def __init__(self, *args, replica_env: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replica_env = replica_env
+
+    def start(self, service: Service, env: dict[str, str] | None = None) -> Service:
+        if service.role == "expert" and service.info.get("replica") == 1:
+            env = {**(env or {}), **self.replica_env}
+        return super().start(service, env)
+
+
+def start_cluster(model: Path, run_dir: Path, dtype: str, replica_env: dict[str, str]
+                  ) -> tuple[ProcessGroup, list[Service], Service]:
     args = up.build_args(["--model", str(model), "--shards", "2", "--replicas", "2", "--port", "0",
                           "--run-dir", str(run_dir), "--dtype", dtype, "--router-arg=--health-interval-s=0.5"])
-    group = ProcessGroup(run_dir, out=(run_dir / "soak.log").open("w"), color=False)
+    group = ReplicaEnvGroup(run_dir, out=(run_dir / "soak.log").open("w"), color=False, replica_env=replica_env)
     specs = up.plan_shards(args, model)
     placement = run_dir / "placement.json"
     write_placement(placement, specs)
@@ -113,11 +127,13 @@ def main() -> None:
     p.add_argument("--kill-every", type=float, default=60.0, help="seconds between replica kills (0: none)")
     p.add_argument("--warmup", type=float, default=60.0, help="seconds of full load before the start RSS")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--ab-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment for expert replicas 1 only (replicas 0 run without): an A/B under one load")
     p.add_argument("--out", type=Path, default=Path("bench/out/soak.json"))
     args = p.parse_args()
     model = args.model or ensure_demo_model()
     run_dir = Path(tempfile.mkdtemp(prefix="moe-soak-"))
-    group, experts, gateway = start_cluster(model, run_dir, args.dtype)
+    group, experts, gateway = start_cluster(model, run_dir, args.dtype, dict(kv.split("=", 1) for kv in args.ab_env))
     url = f"http://127.0.0.1:{gateway.port}"
     try:
         # Warm up at full load first: allocator pools and batch buffers grow to their working size, and the
