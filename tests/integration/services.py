@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -13,6 +18,27 @@ import redis
 from moe_core.placement import ShardSpec, write_placement
 from moe_serve.launcher import ProcessGroup, Service
 from tests.conftest import need_tool
+
+
+@contextlib.contextmanager
+def moe_serve_up(model: Path, run_dir: Path) -> Iterator[tuple[dict, subprocess.Popen]]:
+    """`moe-serve up` with 2 shards on free ports, as a user runs it; yields (cluster.json, the process)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(model), "--shards", "2", "--port", "0",
+         "--run-dir", str(run_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-mib", "64"],
+        stdout=(run_dir / "up.out").open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cluster_file = run_dir / "cluster.json"
+    deadline = time.monotonic() + 180
+    try:
+        while not cluster_file.exists():  # a separate process: nothing to wait on but its file
+            assert process.poll() is None, (run_dir / "up.out").read_text()
+            assert time.monotonic() < deadline, "cluster did not come up"
+            time.sleep(0.2)
+        yield json.loads(cluster_file.read_text()), process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
 
 
 class Cluster:

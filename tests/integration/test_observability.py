@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_core.config import load_config
 from moe_serve.prometheus import start_prometheus, stop_prometheus
 from tests.conftest import need_tool
+from tests.integration.services import moe_serve_up
 from tests.unit.test_dashboards import DASHBOARD_FILES, load, panel_queries, variable_queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,16 +39,8 @@ Samples = dict[tuple[str, frozenset], float]
 @pytest.fixture(scope="module")
 def up(demo_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("observability")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(demo_model), "--shards", "2", "--port", "0",
-         "--run-dir", str(run_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-mib", "64"],
-        stdout=(run_dir / "up.out").open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for(lambda: (run_dir / "cluster.json").exists() or process.poll() is not None, 180, "cluster.json")
-    assert process.poll() is None, (run_dir / "up.out").read_text()
-    yield json.loads((run_dir / "cluster.json").read_text()), run_dir
-    process.send_signal(signal.SIGTERM)
-    process.wait(60)
-
+    with moe_serve_up(demo_model, run_dir) as (cluster, _):
+        yield cluster, run_dir
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -19,27 +17,13 @@ from router_service.engine.engine import EngineConfig
 from router_service.engine.params import SamplingParams
 from router_service.local import build_local_engine
 from tests.engine_helpers import drain, tokens
+from tests.integration.services import moe_serve_up
 
 
 @pytest.fixture(scope="module")
 def up(demo_model, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("up")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(demo_model), "--shards", "2", "--port", "0",
-         "--run-dir", str(run_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-mib", "64"],
-        stdout=(run_dir / "up.out").open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    cluster_file = run_dir / "cluster.json"
-    deadline = time.monotonic() + 180
-    while not cluster_file.exists():
-        assert process.poll() is None, (run_dir / "up.out").read_text()
-        assert time.monotonic() < deadline, "cluster did not come up"
-        time.sleep(0.2)
-    cluster = json.loads(cluster_file.read_text())
-    yield cluster, process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-
+    with moe_serve_up(demo_model, tmp_path_factory.mktemp("up")) as cluster_and_process:
+        yield cluster_and_process
 
 @pytest.fixture(scope="module")
 def client(up):
