@@ -27,6 +27,21 @@ CONFIGS = {
 }
 
 
+def parse_name(name: str) -> tuple[str, dict[str, str]]:
+    """"cluster-2@MOE_SPLIT_ROWS=0,NAME=V" -> ("cluster-2", {...}): a configuration run with extra
+    environment for all its processes, so an A/B of a setting runs side by side in one benchmark."""
+    base, _, assignments = name.partition("@")
+    env = {}
+    for item in filter(None, assignments.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{name!r}: expected CONFIG@NAME=VALUE[,NAME=VALUE...]")
+        env[key] = value
+    if base not in CONFIGS:
+        raise ValueError(f"{name!r}: unknown configuration {base!r} (known: {', '.join(sorted(CONFIGS))})")
+    return base, env
+
+
 @dataclass
 class Running:
     name: str
@@ -82,16 +97,18 @@ class Running:
 
 def start(name: str, model: Path, run_dir: Path, dtype: str, extra: list[str] | None = None,
           timeout: float = 600, redis_url: str | None = None) -> Running:
+    base, extra_env = parse_name(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster_file = run_dir / "cluster.json"
     cluster_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "moe_serve.cli", "up", "--model", str(model), "--port", "0", "--run-dir",
-            str(run_dir), "--dtype", dtype, "--kv-cache-mib", "2048", *CONFIGS[name], *(extra or [])]
-    if name.endswith("redis"):  # a key prefix of its own, so no earlier run's entries count as hits
+            str(run_dir), "--dtype", dtype, "--kv-cache-mib", "2048", *CONFIGS[base], *(extra or [])]
+    if base.endswith("redis"):  # a key prefix of its own, so no earlier run's entries count as hits
         argv += ["--redis", redis_url or "redis://127.0.0.1:6379/0",
                  f"--router-arg=--cache-prefix=bench{time.time_ns()}"]
     log = (run_dir / "up.log").open("w")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while not cluster_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:

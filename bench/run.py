@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bench.baselines import run_transformers, start_llama_server
-from bench.configs import CONFIGS, start
+from bench.configs import CONFIGS, parse_name, start
 from bench.driver import run_load, summarize
 from bench.models import PRESETS, make_bench_model
 from bench.workload import mixed_workload
@@ -31,8 +31,9 @@ from moe_core.config import load_config
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="bench-s", choices=sorted(PRESETS))
     p.add_argument("--model", type=Path, help="benchmark this model folder instead of a preset")
-    p.add_argument("--configs", nargs="+", default=["local", "cluster-2"], choices=sorted(CONFIGS) + EXTERNAL,
-                   help="moe-serve configurations and outside references (transformers, llama.cpp)")
+    p.add_argument("--configs", nargs="+", default=["local", "cluster-2"], type=_config_name,
+                   help=f"moe-serve configurations ({', '.join(sorted(CONFIGS))}; CONFIG@NAME=VALUE,... runs one "
+                        f"with extra environment) and outside references ({', '.join(EXTERNAL)})")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per run (at concurrency 1: a quarter)")
     p.add_argument("--prompt-range", type=int, nargs=2, default=[32, 512])
@@ -44,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/bench-<time>.json)")
     p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the *-cache-redis configs")
+
+
+def _config_name(name: str) -> str:
+    if name not in EXTERNAL:
+        try:
+            parse_name(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def _revision() -> str:
@@ -88,8 +98,8 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
 
 def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
-    lookups = delta.get("local:hit", 0) + delta.get("local:miss", 0)
-    hits = delta.get("local:hit", 0) + delta.get("redis:hit", 0)
+    hits = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("redis:hit", 0)  # rows not computed
+    lookups = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("local:miss", 0)
     return {"lookups": int(lookups), "hit_rate": round(hits / lookups, 4) if lookups else None,
             **{key: int(value) for key, value in delta.items()}}
 
@@ -97,7 +107,8 @@ def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:
     if name in EXTERNAL:
         return bench_external(name, model, args, workloads)
-    running = start(name, model, args.work_dir / "runs" / name, args.dtype, args.up_flag, redis_url=args.redis_url)
+    run_dir = args.work_dir / "runs" / name.replace("@", "_").replace(",", "_")
+    running = start(name, model, run_dir, args.dtype, args.up_flag, redis_url=args.redis_url)
     try:
         model_name = model.resolve().name
         asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1))

@@ -2,11 +2,18 @@
 
 The cache of one layer is a flat pool of token slots `[blocks * block_size, kv_heads, D]`; a
 sequence owns a list of blocks (its block table). Decode rows (one new token per sequence) run as
-one batched call; prefill chunks run one sequence at a time, each attending to its cached prefix
-plus its own causal part. Grouped-query attention uses SDPA's `enable_gqa` instead of repeating KV.
+one batched call, or on CPU one call per sequence (`decode_attention_each`); prefill chunks run one
+sequence at a time, each attending to its cached prefix plus its own causal part, on CPU in blocks
+aligned to position 0. Grouped-query attention uses SDPA's `enable_gqa` instead of repeating KV.
+
+The CPU forms exist so that a row's output bits never depend on the rest of the step or on where a
+prompt was cut into chunks, which the expert-output cache needs to hit on repeated requests.
+`MOE_INVARIANT_ATTENTION=0` restores the plain batched calls (for side-by-side measurements).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +51,80 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     return out[:, :, 0, :]
 
 
+def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
+                          lengths: list[int], block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """`decode_attention`, one sequence at a time over exactly its own tokens.
+
+    The CPU SDPA kernel's result for one sequence changes in the last bits with the batch size, so a
+    repeated request's decode rows would never match the first's in the expert-output cache. One call
+    per sequence makes each output depend only on that sequence's query and cache; on CPU it is also
+    faster than the batched call, which pads every sequence to the longest (bench/RESULTS.md).
+    """
+    out = torch.empty_like(q)
+    for i, length in enumerate(lengths):
+        blocks = block_tables[i, :-(-length // block_size)]
+        start = max(0, length - window) if window is not None else 0
+        k = gather_blocks(cache_k, blocks[None], block_size)[:, start:length].transpose(1, 2)  # [1, kv_heads, L, D]
+        v = gather_blocks(cache_v, blocks[None], block_size)[:, start:length].transpose(1, 2)
+        # 4-D inputs: with 3-D ones SDPA takes a path ~3x slower
+        out[i] = F.scaled_dot_product_attention(q[None, i, :, None, :], k.to(q.dtype), v.to(q.dtype), scale=scale,
+                                                enable_gqa=True)[0, :, 0, :]
+    return out
+
+
+PREFILL_BLOCK = 64  # query positions per aligned block of chunk-invariant prefill attention
+INVARIANT = os.environ.get("MOE_INVARIANT_ATTENTION", "1") != "0"
+
+
+def invariant_on(device: torch.device) -> bool:
+    """Whether the batch- and chunk-invariant forms run on this device (CPU, unless turned off)."""
+    return INVARIANT and device.type == "cpu"
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
                       window: int | None = None) -> torch.Tensor:
-    """One sequence: q [n, heads, D] at positions start.., k/v [start + n, kv_heads, D] -> [n, heads, D]."""
+    """One sequence: q [n, heads, D] at positions start.., k/v [start + n, kv_heads, D] -> [n, heads, D].
+
+    On CPU the queries run in blocks of PREFILL_BLOCK positions aligned to position 0, each block as
+    one call of fixed shape (missing rows and keys zero-padded, masked). A row's result then depends
+    only on its position and the sequence, not on where the scheduler cut the prompt into chunks: a
+    repeated prompt chunked differently still meets the expert-output cache (one SDPA call over the
+    chunk changes in the last bits with the chunk's length). It runs as fast as one call from ~300
+    tokens up and costs ~0.06 ms more per layer for a short prompt (bench/RESULTS.md).
+    """
+    if not invariant_on(q.device):
+        return _prefill_one_call(q, k, v, start, scale, window)
+    n = q.shape[0]
+    end = start + n
+    top = -(-end // PREFILL_BLOCK) * PREFILL_BLOCK
+    keys, values = (_pad_rows(t[:end], top).to(q.dtype).transpose(0, 1)[None] for t in (k, v))  # [1, kv, top, D]
+    block_pos = torch.arange(PREFILL_BLOCK, device=q.device)[:, None]
+    out = torch.empty_like(q)
+    for lo in range(start // PREFILL_BLOCK * PREFILL_BLOCK, end, PREFILL_BLOCK):
+        hi = lo + PREFILL_BLOCK
+        first, last = max(lo, start), min(hi, end)  # the real query positions of this block
+        rows = _pad_rows(q[first - start:last - start], PREFILL_BLOCK, before=first - lo)
+        q_pos, k_pos = block_pos + lo, torch.arange(hi, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        o = F.scaled_dot_product_attention(rows.transpose(0, 1)[None], keys[:, :, :hi], values[:, :, :hi],
+                                           attn_mask=allowed, scale=scale, enable_gqa=True)
+        out[first - start:last - start] = o[0, :, first - lo:last - lo].transpose(0, 1)
+    return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int, before: int = 0) -> torch.Tensor:
+    """x with zero rows in front (`before`) and behind, `rows` in all."""
+    if before == 0 and x.shape[0] == rows:
+        return x
+    padded = x.new_zeros(rows, *x.shape[1:])
+    padded[before:before + x.shape[0]] = x
+    return padded
+
+
+def _prefill_one_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
+                      window: int | None) -> torch.Tensor:
     n, length = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)
     if start == 0 and window is None:

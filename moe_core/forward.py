@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from moe_core.attention import decode_attention, prefill_attention, write_kv
+from moe_core.attention import decode_attention, decode_attention_each, invariant_on, prefill_attention, write_kv
 from moe_core.model import (
     DenseModel,
     lm_logits,
@@ -49,6 +49,7 @@ class StepBatch:
     num_decode: int = 0  # rows [0, num_decode) are single decode tokens, one per sequence
     block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     context_lens: torch.Tensor | None = None  # [num_decode], including the new token
+    decode_lengths: list[int] = field(default_factory=list)  # context_lens as ints (per-sequence decode on CPU)
     prefills: list[PrefillChunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
     request_ids: list[str] = field(default_factory=list)  # the requests in the step, for logs downstream
@@ -142,7 +143,10 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d:
+    if d and invariant_on(q.device) and batch.decode_lengths:
+        out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
+                                        block_size, scale, window)
+    elif d:
         out[:d] = decode_attention(q[:d], cache_k, cache_v, batch.block_tables, batch.context_lens,
                                    block_size, scale, window)
     for chunk in batch.prefills:

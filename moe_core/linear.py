@@ -3,6 +3,14 @@
 On CPU, oneDNN's prepacked layout runs the small-row GEMMs of decoding (8–32 rows per expert) 1.3–3×
 faster than a plain `F.linear` (bench/RESULTS.md); elsewhere, and where the CPU lacks what oneDNN needs
 for the dtype, the weight stays a plain tensor. `MOE_PACK_WEIGHTS=0` turns packing off.
+
+oneDNN JIT-compiles and keeps a kernel for every distinct row count it sees (about 1 MiB each, not
+bounded by its primitive-cache capacity), so a long-running service that sees every row count from 1
+to a few thousand grows by gigabytes. Packed calls therefore run on a fixed set of row counts: up to
+EXACT_ROWS as they come (decode steps, where padding would cost in proportion), larger inputs split
+into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent in a GEMM, so the split
+changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
+`MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
 """
 
 from __future__ import annotations
@@ -13,6 +21,21 @@ import torch
 import torch.nn.functional as F
 
 PACK_HINT = 16  # rows oneDNN tunes the packed layout for (a decode step's rows per expert)
+EXACT_ROWS = 64  # row counts up to this run as one call
+ROW_CHUNKS = (256, 128, 64)  # larger inputs are cut into these, largest first
+SPLIT_ROWS = os.environ.get("MOE_SPLIT_ROWS", "1") != "0"
+
+
+def row_pieces(rows: int) -> list[int]:
+    """The row counts a packed call over `rows` rows runs as: each is <= EXACT_ROWS or in ROW_CHUNKS."""
+    pieces = []
+    for chunk in ROW_CHUNKS:
+        while rows > EXACT_ROWS and rows >= chunk:
+            pieces.append(chunk)
+            rows -= chunk
+    if rows:
+        pieces.append(rows)
+    return pieces
 
 
 def packing_enabled(weight: torch.Tensor) -> bool:
@@ -39,9 +62,19 @@ class Linear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= EXACT_ROWS or not SPLIT_ROWS:
+            return self._packed(x)
+        outs, start = [], 0
+        for piece in row_pieces(rows.shape[0]):
+            outs.append(self._packed(rows[start:start + piece]))
+            start += piece
+        return torch.cat(outs).reshape(*x.shape[:-1], self.shape[0])
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def dense(self) -> torch.Tensor:
         """The weight as a plain tensor (for inspection and tests)."""

@@ -4,6 +4,9 @@ Per layer step: keys for the rows of the cached phases, one pass over the local 
 for what it missed, then the remaining rows go to the real backend (one message per shard as always).
 When their outputs come back the result is assembled in row order and the new rows are written to
 both tiers. A hit is the exact bytes the experts returned when the row was first computed.
+
+Rows with the same key in one step (a request and its repeat prefilled or decoding side by side, so
+neither has been written yet) are looked up and computed once and shared: counted as result "shared".
 """
 
 from __future__ import annotations
@@ -48,11 +51,19 @@ class CachedExperts(ExpertBackend):
         if not cached:
             self.dispatched_rows += call.x.shape[0]
             return self.inner.submit(call)
-        keys = self._keys(call, cached)
+        first: dict[str, int] = {}  # key -> the row that looks it up (and computes it on a miss)
+        copies: dict[int, int] = {}  # row -> an earlier row of this step with the same key
+        for row, key in zip(cached, self._keys(call, cached), strict=True):
+            if key in first:
+                copies[row] = first[key]
+            else:
+                first[key] = row
+        self._count_result("local", "shared", len(copies))
+        keys, rows = list(first), list(first.values())
         values = self._lookup(keys, call.x.shape[1] * call.x.element_size())
-        hit = {row: value for row, value in zip(cached, values, strict=True) if value is not None}
-        misses = [row for row in range(call.x.shape[0]) if row not in hit]
-        writes = {row: key for row, key, value in zip(cached, keys, values, strict=True) if value is None}
+        hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
+        misses = [row for row in range(call.x.shape[0]) if row not in hit and row not in copies]
+        writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
         self.dispatched_rows += len(misses)
         handle = None
         if misses:
@@ -60,7 +71,7 @@ class CachedExperts(ExpertBackend):
             handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
                                                   num_decode=sum(1 for r in misses if r < call.num_decode),
                                                   request_ids=call.request_ids))
-        return _Assembly(self, call.x, hit, misses, handle, writes)
+        return _Assembly(self, call.x, hit, misses, handle, writes, copies)
 
     def _cached_rows(self, call: ExpertCall) -> list[int]:
         rows = call.x.shape[0]
@@ -133,8 +144,9 @@ class _Assembly:
     """The step's output in row order: cached rows from their bytes, the rest from the experts."""
 
     def __init__(self, cache: CachedExperts, x: torch.Tensor, hit: dict[int, bytes], misses: list[int],
-                 handle: ExpertHandle | None, writes: dict[int, str]):
+                 handle: ExpertHandle | None, writes: dict[int, str], copies: dict[int, int]):
         self.cache, self.x, self.hit, self.misses, self.handle, self.writes = cache, x, hit, misses, handle, writes
+        self.copies = copies
 
     def result(self) -> torch.Tensor:
         x = self.x
@@ -147,6 +159,9 @@ class _Assembly:
             computed = self.handle.result()
             out[torch.tensor(self.misses, device=x.device)] = computed
             self._remember(computed)
+        if self.copies:
+            out[torch.tensor(list(self.copies), device=x.device)] = \
+                out[torch.tensor(list(self.copies.values()), device=x.device)]
         return out
 
     def _remember(self, computed: torch.Tensor) -> None:

@@ -233,8 +233,10 @@ def cluster() -> dict[str, Any]:
         stat("KV-cache usage (max)", "max(moe_kv_cache_usage_ratio)", unit="percentunit",
              thresholds=[("green", None), ("orange", 0.8), ("red", 0.95)]),
         stat("Preemptions /s", f"sum(rate(moe_preemptions_total{RATE}))"),
-        stat("Expert-cache hit ratio", f"sum(rate({cache}{{result=\"hit\"}}{RATE})) / sum(rate({cache}{RATE}))",
-             unit="percentunit"),
+        # rows whose experts were skipped (a local or Redis hit, or shared in-step) per row looked up locally
+        stat("Expert-cache hit ratio", f"(sum(rate({cache}{{tier=\"local\",result=~\"hit|shared\"}}{RATE})) "
+             f"+ (sum(rate({cache}{{tier=\"redis\",result=\"hit\"}}{RATE})) or vector(0))) "
+             f"/ sum(rate({cache}{{tier=\"local\"}}{RATE}))", unit="percentunit"),
         row("Replica health"),
         timeseries("Live replicas per shard", [target(f"min by (shard) (moe_shard_live_replicas{{{sel}}})",
                                                       "{{shard}}")], w=8,

@@ -83,3 +83,24 @@ def test_byte_bound_holds_under_load(parts):
     results = drain(engine, {0: [(p, PARAMS) for p in random_prompts(12, 256, seed=5)]})
     assert all(len(tokens(r)) == PARAMS.max_tokens for r in results.values())
     assert 0 < cached.local.bytes <= 40_000
+
+
+def test_a_repeat_beside_other_requests_dispatches_none_of_its_rows(parts):
+    """Decode rows must not depend on what else shares the step, or repeats would miss the cache."""
+    engine, cached = make(parts)
+    prompt, *others = random_prompts(4, 256, seed=6)
+    first = run(engine, prompt)
+    before = cached.dispatched_rows
+    joined = drain(engine, {0: [(p, PARAMS) for p in others], 3: [(prompt, PARAMS)]})
+    moe_layers = len(parts[0].cfg.moe_layers)
+    assert cached.dispatched_rows - before == sum(len(p) + PARAMS.max_tokens - 1 for p in others) * moe_layers
+    assert tokens(list(joined.values())[-1]) == tokens(first)
+
+
+def test_identical_rows_in_one_step_are_computed_once(parts):
+    engine, cached = make(parts)
+    prompt = random_prompts(1, 256, seed=7)[0]
+    both = list(drain(engine, {0: [(prompt, PARAMS), (prompt, PARAMS)]}).values())
+    moe_layers = len(parts[0].cfg.moe_layers)
+    assert cached.dispatched_rows == (len(prompt) + PARAMS.max_tokens - 1) * moe_layers
+    assert tokens(both[0]) == tokens(both[1]) and logprobs(both[0]) == logprobs(both[1])

@@ -1,0 +1,31 @@
+"""Packed linear layers: the bounded set of row counts they run on, and unchanged results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_core.linear import EXACT_ROWS, ROW_CHUNKS, Linear, row_pieces
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 127, 128, 200, 255, 256, 257, 513, 1000, 4099])
+def test_row_pieces_cover_the_rows_with_few_distinct_sizes(rows):
+    pieces = row_pieces(rows)
+    assert sum(pieces) == rows
+    assert all(p <= EXACT_ROWS or p in ROW_CHUNKS for p in pieces)
+    assert pieces == sorted(pieces, reverse=True)  # chunks first, one remainder last
+
+
+def test_distinct_row_counts_stay_bounded():
+    sizes = {p for rows in range(1, 5000) for p in row_pieces(rows)}
+    assert len(sizes) <= EXACT_ROWS + len(ROW_CHUNKS)
+
+
+@pytest.mark.parametrize("rows", [5, 65, 200, 600])
+def test_split_calls_give_the_one_call_result(rows):
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(96, 48), torch.randn(96)
+    x = torch.randn(rows, 48)
+    layer = Linear(weight, bias)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(x.view(1, rows, 48))[0], layer(x), rtol=0, atol=0)  # leading dims kept
