@@ -2,18 +2,17 @@
 
 The cache of one layer is a flat pool of token slots `[blocks * block_size, kv_heads, D]`; a
 sequence owns a list of blocks (its block table). Decode rows (one new token per sequence) run as
-one batched call, or on CPU one call per sequence (`decode_attention_each`); prefill chunks run one
-sequence at a time, each attending to its cached prefix plus its own causal part, on CPU in blocks
-aligned to position 0. Grouped-query attention uses SDPA's `enable_gqa` instead of repeating KV.
+one batched call, or one call per sequence (`decode_attention_each`); prefill chunks run one
+sequence at a time, each attending to its cached prefix plus its own causal part, in one call or in
+blocks aligned to position 0. Grouped-query attention uses SDPA's `enable_gqa` instead of repeating KV.
 
-The CPU forms exist so that a row's output bits never depend on the rest of the step or on where a
-prompt was cut into chunks, which the expert-output cache needs to hit on repeated requests.
-`MOE_INVARIANT_ATTENTION=0` restores the plain batched calls (for side-by-side measurements).
+The invariant forms exist so that a row's output bits never depend on the rest of the step or on
+where a prompt was cut into chunks, which the expert-output cache needs to hit on repeated requests.
+They run only when asked for (`StepBatch.invariant`, set while the cache is on): the batched decode
+call is faster (bench/RESULTS.md, "Batch-invariant attention").
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +54,10 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
                           lengths: list[int], block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
     """`decode_attention`, one sequence at a time over exactly its own tokens.
 
-    The CPU SDPA kernel's result for one sequence changes in the last bits with the batch size, so a
-    repeated request's decode rows would never match the first's in the expert-output cache. One call
-    per sequence makes each output depend only on that sequence's query and cache; on CPU it is also
-    faster than the batched call, which pads every sequence to the longest (bench/RESULTS.md).
+    The CPU SDPA decode kernel splits its work across threads by the batch size, so one sequence's
+    result changes in the last bits with what else is in the batch, and a repeated request's decode
+    rows would never match the first's in the expert-output cache. One call per sequence makes each
+    output depend only on that sequence's query and cache, at about twice the batched call's time.
     """
     out = torch.empty_like(q)
     for i, length in enumerate(lengths):
@@ -73,26 +72,20 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
 
 
 PREFILL_BLOCK = 64  # query positions per aligned block of chunk-invariant prefill attention
-INVARIANT = os.environ.get("MOE_INVARIANT_ATTENTION", "1") != "0"
-
-
-def invariant_on(device: torch.device) -> bool:
-    """Whether the batch- and chunk-invariant forms run on this device (CPU, unless turned off)."""
-    return INVARIANT and device.type == "cpu"
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
-                      window: int | None = None) -> torch.Tensor:
+                      window: int | None = None, aligned: bool = False) -> torch.Tensor:
     """One sequence: q [n, heads, D] at positions start.., k/v [start + n, kv_heads, D] -> [n, heads, D].
 
-    On CPU the queries run in blocks of PREFILL_BLOCK positions aligned to position 0, each block as
+    With `aligned` the queries run in blocks of PREFILL_BLOCK positions aligned to position 0, each as
     one call of fixed shape (missing rows and keys zero-padded, masked). A row's result then depends
     only on its position and the sequence, not on where the scheduler cut the prompt into chunks: a
     repeated prompt chunked differently still meets the expert-output cache (one SDPA call over the
     chunk changes in the last bits with the chunk's length). It runs as fast as one call from ~300
     tokens up and costs ~0.06 ms more per layer for a short prompt (bench/RESULTS.md).
     """
-    if not invariant_on(q.device):
+    if not aligned:
         return _prefill_one_call(q, k, v, start, scale, window)
     n = q.shape[0]
     end = start + n

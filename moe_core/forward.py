@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from moe_core.attention import decode_attention, decode_attention_each, invariant_on, prefill_attention, write_kv
+from moe_core.attention import decode_attention, decode_attention_each, prefill_attention, write_kv
 from moe_core.model import (
     DenseModel,
     lm_logits,
@@ -49,7 +49,8 @@ class StepBatch:
     num_decode: int = 0  # rows [0, num_decode) are single decode tokens, one per sequence
     block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     context_lens: torch.Tensor | None = None  # [num_decode], including the new token
-    decode_lengths: list[int] = field(default_factory=list)  # context_lens as ints (per-sequence decode on CPU)
+    decode_lengths: list[int] = field(default_factory=list)  # context_lens as ints (per-sequence decode)
+    invariant: bool = False  # each row's result independent of the rest of the step (for the expert cache)
     prefills: list[PrefillChunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
     request_ids: list[str] = field(default_factory=list)  # the requests in the step, for logs downstream
@@ -143,7 +144,7 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d and invariant_on(q.device) and batch.decode_lengths:
+    if d and batch.invariant:
         out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
                                         block_size, scale, window)
     elif d:
@@ -155,7 +156,7 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
             keys, values = k[rows], v[rows]
         else:
             keys, values = cache_k[chunk.context_slots], cache_v[chunk.context_slots]
-        out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window)
+        out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window, aligned=batch.invariant)
     return output_projection(layer.attn, out)
 
 

@@ -37,6 +37,7 @@ class CachedExperts(ExpertBackend):
                  registry: CollectorRegistry | None = None):
         self.inner, self.config, self.revision = inner, config, revision
         self.overlaps = inner.overlaps
+        self.needs_invariance = True  # a repeat's rows must equal the first run's bit for bit to hit
         self.local = LocalCache(config.local_bytes)
         self.redis = RedisCache(config.redis_url, config.ttl_s, config.redis_timeout_s) if config.mode == "redis" \
             else None

@@ -30,6 +30,9 @@ class Done:
 
 class ExpertBackend(ABC):
     overlaps = False  # True when submit() returns while the experts are still computing
+    # True when outputs are reused by their exact input bytes (the cache): the engine then runs the
+    # dense part so that each row's bits do not depend on the rest of the step
+    needs_invariance = False
 
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

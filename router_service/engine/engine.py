@@ -168,6 +168,8 @@ class Engine:
         bs, device = self.kv.block_size, self.model.device
         parts = split_step(scheduled) if self.config.overlap and self.experts.overlaps else [scheduled]
         batches = [build_batch(part, bs, device) for part in parts]
+        for batch, _ in batches:
+            batch.invariant = self.experts.needs_invariance
         if len(batches) == 1:
             batch, to_sample = batches[0]
             return forward_step(self.model, self.kv.layers, bs, batch, self.experts), to_sample

@@ -45,14 +45,15 @@ def test_prefill_rows_do_not_depend_on_where_the_prompt_was_cut(window):
     g = torch.Generator().manual_seed(1)
     n = 150
     q, k, v = (torch.randn(n, h, DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS))
-    whole = prefill_attention(q, k, v, 0, 0.3, window)
+    whole = prefill_attention(q, k, v, 0, 0.3, window, aligned=True)
     reference = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
         attn_mask=_causal(n, window), scale=0.3).transpose(0, 1)
     torch.testing.assert_close(whole, reference, rtol=1e-5, atol=1e-6)
     for cuts in ([1], [17, 64], [63, 100, 149]):
         bounds = [0, *cuts, n]
-        parts = [prefill_attention(q[a:b], k[:b], v[:b], a, 0.3, window) for a, b in itertools.pairwise(bounds)]
+        parts = [prefill_attention(q[a:b], k[:b], v[:b], a, 0.3, window, aligned=True)
+                 for a, b in itertools.pairwise(bounds)]
         assert torch.equal(torch.cat(parts), whole)
 
 
