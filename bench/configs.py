@@ -22,8 +22,10 @@ CONFIGS = {
     "cluster-2": ["--shards", "2"],
     "cluster-2x2": ["--shards", "2", "--replicas", "2"],
     "cluster-2-layers": ["--shards", "2", "--split", "layers"],  # whole layers per shard
-    "cluster-2-cache-local": ["--shards", "2", "--cache", "local"],
-    "cluster-2-cache-redis": ["--shards", "2", "--cache", "redis"],  # + --redis URL, a fresh key prefix per run
+    # the local tier sized to hold a whole run (warm-up plus 64 requests write ~300 MiB of rows)
+    "cluster-2-cache-local": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024"],
+    "cluster-2-cache-redis": ["--shards", "2", "--cache", "redis", "--router-arg=--cache-local-mib=1024"],
+    # + --redis URL and a fresh key prefix per run
 }
 
 

@@ -57,17 +57,21 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     The CPU SDPA decode kernel splits its work across threads by the batch size, so one sequence's
     result changes in the last bits with what else is in the batch, and a repeated request's decode
     rows would never match the first's in the expert-output cache. One call per sequence makes each
-    output depend only on that sequence's query and cache, at about twice the batched call's time.
+    output depend only on that sequence's query and cache, at about 1.3x the batched call's time.
     """
+    # every sequence's own blocks, back to back, in two gathers (per-sequence gathers cost more in calls)
+    needed = -(-torch.tensor(lengths, device=block_tables.device) // block_size)
+    flat = block_tables[torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < needed[:, None]]
+    keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(q.dtype) for cache in (cache_k, cache_v))
     out = torch.empty_like(q)
+    offset = 0
     for i, length in enumerate(lengths):
-        blocks = block_tables[i, :-(-length // block_size)]
-        start = max(0, length - window) if window is not None else 0
-        k = gather_blocks(cache_k, blocks[None], block_size)[:, start:length].transpose(1, 2)  # [1, kv_heads, L, D]
-        v = gather_blocks(cache_v, blocks[None], block_size)[:, start:length].transpose(1, 2)
+        start = offset + (max(0, length - window) if window is not None else 0)
+        k = keys[start:offset + length].transpose(0, 1)[None]  # [1, kv_heads, L, D]
+        v = values[start:offset + length].transpose(0, 1)[None]
         # 4-D inputs: with 3-D ones SDPA takes a path ~3x slower
-        out[i] = F.scaled_dot_product_attention(q[None, i, :, None, :], k.to(q.dtype), v.to(q.dtype), scale=scale,
-                                                enable_gqa=True)[0, :, 0, :]
+        out[i] = F.scaled_dot_product_attention(q[None, i, :, None, :], k, v, scale=scale, enable_gqa=True)[0, :, 0]
+        offset += -(-length // block_size) * block_size
     return out
 
 

@@ -8,7 +8,7 @@ Redis is optional and fail-open: a lookup that errors or times out, or a value o
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
 a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
 period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
-thread, pipelined with a TTL, off the critical path.
+thread, one scripted command per layer step with a TTL, off the critical path.
 """
 
 from __future__ import annotations
@@ -89,8 +89,18 @@ class LocalCache:
         return len(self._entries)
 
 
+# One command per layer step's writes: SET with expiry for every key, run server-side. A pipeline of
+# SETs costs redis-py a Python-level command build per row, on a thread that shares the GIL with the
+# engine; this builds one command (bench/RESULTS.md, "Expert-output cache").
+SET_ALL = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+"""
+
+
 class RedisCache:
-    """Tier 2: one MGET per layer step for every local miss; pipelined SETs from a writer thread."""
+    """Tier 2: one MGET per layer step for every local miss; one scripted SET-all per step from a writer thread."""
 
     def __init__(self, url: str, ttl_s: int, timeout_s: float, on_error: Callable[[], None] | None = None):
         import redis
@@ -102,6 +112,7 @@ class RedisCache:
         self._down_until = 0.0
         self._backoff = 0.5
         self._warned = False
+        self._set_all = self.client.register_script(SET_ALL)
         self._writes: queue.Queue[list[tuple[str, bytes]] | None] = queue.Queue(maxsize=256)
         self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
         self._writer.start()
@@ -130,10 +141,7 @@ class RedisCache:
     def _write_loop(self) -> None:
         while (items := self._writes.get()) is not None:
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for key, value in items:
-                    pipe.set(key, value, ex=self.ttl_s)
-                pipe.execute()
+                self._set_all(keys=[key for key, _ in items], args=[self.ttl_s, *(value for _, value in items)])
             except Exception as exc:  # any failure of the cache must only cost the write
                 self._failed(exc)
             finally:

@@ -67,7 +67,9 @@ class CachedExperts(ExpertBackend):
         writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
         self.dispatched_rows += len(misses)
         handle = None
-        if misses:
+        if len(misses) == call.x.shape[0]:  # nothing found: send the step as it is, no gather
+            handle = self.inner.submit(call)
+        elif misses:
             index = torch.tensor(misses, device=call.x.device)
             handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
                                                   num_decode=sum(1 for r in misses if r < call.num_decode),
@@ -151,6 +153,10 @@ class _Assembly:
 
     def result(self) -> torch.Tensor:
         x = self.x
+        if len(self.misses) == x.shape[0]:  # every row computed, in order
+            computed = self.handle.result()
+            self._remember(computed)
+            return computed
         out = torch.empty_like(x)
         if self.hit:
             rows = list(self.hit)
@@ -168,6 +174,9 @@ class _Assembly:
     def _remember(self, computed: torch.Tensor) -> None:
         if not self.writes:
             return
-        position = {row: i for i, row in enumerate(self.misses)}
         raw = computed.contiguous().view(torch.uint8).reshape(len(self.misses), -1).cpu().numpy()
+        if len(self.misses) == self.x.shape[0]:  # row i of the output is row i of the step
+            self.cache.remember([(key, raw[row].tobytes()) for row, key in self.writes.items()])
+            return
+        position = {row: i for i, row in enumerate(self.misses)}
         self.cache.remember([(key, raw[position[row]].tobytes()) for row, key in self.writes.items()])

@@ -58,6 +58,8 @@ def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server
     prompts = random_prompts(3, 256, seed=11)
     expected = serve(first, prompts)
     first_cache.redis.flush()
+    written = redis.Redis.from_url(server.url).keys("moe:rev-a:*")
+    assert written and all(0 < redis.Redis.from_url(server.url).ttl(key) <= 3600 for key in written[:20])
     second, second_cache, registry = router(parts, server.url)
     got = serve(second, prompts)
     assert [tokens(r) for r in got] == [tokens(r) for r in expected]
