@@ -11,6 +11,10 @@ EXACT_ROWS as they come (decode steps, where padding would cost in proportion), 
 into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent in a GEMM, so the split
 changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
 `MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
+
+For some shapes oneDNN runs a single row through another kernel than two or more, whose result
+differs in the last bits. The expert-output cache needs a row's output not to depend on how many
+rows share its call, so such layers (found by a probe when packed) run a lone row as two.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def packing_enabled(weight: torch.Tensor) -> bool:
 class Linear:
     """y = x @ W.T + b for a [out, in] weight."""
 
-    __slots__ = ("bias", "packed", "shape", "weight")
+    __slots__ = ("bias", "packed", "pad_single", "shape", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None):
         self.shape = tuple(weight.shape)
@@ -60,21 +64,31 @@ class Linear:
                 self.weight = None
             except RuntimeError:  # this CPU lacks what oneDNN needs for the dtype: keep the plain kernel
                 self.packed = None
+        self.pad_single = self.packed is not None and self._single_row_differs()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] <= EXACT_ROWS or not SPLIT_ROWS:
-            return self._packed(x)
+            return self._rows(rows).reshape(*x.shape[:-1], self.shape[0])
         outs, start = [], 0
         for piece in row_pieces(rows.shape[0]):
-            outs.append(self._packed(rows[start:start + piece]))
+            outs.append(self._rows(rows[start:start + piece]))
             start += piece
         return torch.cat(outs).reshape(*x.shape[:-1], self.shape[0])
 
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 1 and self.pad_single:
+            return self._packed(rows.expand(2, -1).contiguous())[:1]
+        return self._packed(rows)
+
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _single_row_differs(self) -> bool:
+        x = torch.randn(2, self.shape[1], generator=torch.Generator().manual_seed(0)).to(self.packed.dtype)
+        return not torch.equal(self._packed(x[:1]), self._packed(x)[:1])
 
     def dense(self) -> torch.Tensor:
         """The weight as a plain tensor (for inspection and tests)."""

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import LATENCY_BUCKETS
 from router_service.cache import CacheConfig, LocalCache, RedisCache, row_keys
-from router_service.expert_backend import ExpertBackend
+from router_service.expert_backend import ExpertBackend, WrappedBackend
 
 
 class CacheMetrics:
@@ -32,11 +32,11 @@ class CacheMetrics:
         self.bytes.labels("local").set_function(lambda: local.bytes)
 
 
-class CachedExperts(ExpertBackend):
+class CachedExperts(WrappedBackend):
     def __init__(self, inner: ExpertBackend, config: CacheConfig, revision: str,
                  registry: CollectorRegistry | None = None):
-        self.inner, self.config, self.revision = inner, config, revision
-        self.overlaps = inner.overlaps
+        super().__init__(inner)
+        self.config, self.revision = config, revision
         self.needs_invariance = True  # a repeat's rows must equal the first run's bit for bit to hit
         self.local = LocalCache(config.local_bytes)
         self.redis = RedisCache(config.redis_url, config.ttl_s, config.redis_timeout_s) if config.mode == "redis" \

@@ -49,6 +49,18 @@ class ExpertBackend(ABC):
         """Release connections or threads the backend holds."""
 
 
+class WrappedBackend(ExpertBackend):
+    """A backend in front of another (cache, metrics): it keeps the inner one's traits."""
+
+    def __init__(self, inner: ExpertBackend):
+        self.inner = inner
+        self.overlaps = inner.overlaps
+        self.needs_invariance = inner.needs_invariance
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class LocalExperts(ExpertBackend):
     def __init__(self, experts: dict[int, LayerExperts]):
         self.experts = experts

@@ -22,7 +22,7 @@ from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from router_service.engine.scheduler import ScheduledStep
 from router_service.engine.sequence import Sequence
-from router_service.expert_backend import ExpertBackend
+from router_service.expert_backend import ExpertBackend, WrappedBackend
 
 
 class RoutingStats(Collector):
@@ -71,12 +71,12 @@ class RoutingStats(Collector):
         yield gauge
 
 
-class RoutingRecorder(ExpertBackend):
+class RoutingRecorder(WrappedBackend):
     """Wraps the expert backend: every layer step's gate decisions are counted before dispatch."""
 
     def __init__(self, inner: ExpertBackend, stats: RoutingStats):
-        self.inner, self.stats = inner, stats
-        self.overlaps = inner.overlaps
+        super().__init__(inner)
+        self.stats = stats
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         self.stats.record(layer, ids)
@@ -85,10 +85,6 @@ class RoutingRecorder(ExpertBackend):
     def submit(self, call: ExpertCall) -> ExpertHandle:
         self.stats.record(call.layer, call.ids)
         return self.inner.submit(call)
-
-    def close(self) -> None:
-        self.inner.close()
-
 
 class ShardHealth(Collector):
     """Replica liveness, read from the shard map at scrape time."""

@@ -9,7 +9,7 @@ import torch
 
 from router_service.engine.engine import Engine
 from router_service.engine.params import SamplingParams
-from router_service.expert_backend import ExpertBackend
+from router_service.expert_backend import ExpertBackend, WrappedBackend
 
 
 def drain(engine: Engine, joins: dict[int, list[tuple[list[int], SamplingParams]]] | None = None):
@@ -43,12 +43,11 @@ def random_prompts(n: int, vocab: int, seed: int = 0, low: int = 2, high: int = 
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
-class CountingExperts(ExpertBackend):
+class CountingExperts(WrappedBackend):
     """Wraps a backend and counts the router's gate decisions: rows per (layer, expert)."""
 
     def __init__(self, inner: ExpertBackend, layers: int, experts: int):
-        self.inner = inner
-        self.overlaps = inner.overlaps  # keep the engine's micro-batch overlap when the inner backend has it
+        super().__init__(inner)
         self.decisions = torch.zeros(layers, experts, dtype=torch.int64)
 
     def forward(self, layer, x, weights, ids):

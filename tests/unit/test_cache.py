@@ -104,3 +104,13 @@ def test_identical_rows_in_one_step_are_computed_once(parts):
     moe_layers = len(parts[0].cfg.moe_layers)
     assert cached.dispatched_rows == (len(prompt) + PARAMS.max_tokens - 1) * moe_layers
     assert tokens(both[0]) == tokens(both[1]) and logprobs(both[0]) == logprobs(both[1])
+
+
+def test_wrappers_keep_the_need_for_invariance(parts):
+    """The router puts its metrics wrapper in front of the cache: the engine must still see the need."""
+    from router_service.metrics import RoutingRecorder, RoutingStats
+
+    _, cached = make(parts)
+    stats = RoutingStats(parts[0].cfg)
+    assert RoutingRecorder(cached, stats).needs_invariance
+    assert not RoutingRecorder(parts[1], stats).needs_invariance

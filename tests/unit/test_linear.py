@@ -29,3 +29,14 @@ def test_split_calls_give_the_one_call_result(rows):
     layer = Linear(weight, bias)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer(x.view(1, rows, 48))[0], layer(x), rtol=0, atol=0)  # leading dims kept
+
+
+@pytest.mark.parametrize("shape", [(512, 1408), (96, 48)])
+def test_a_row_gets_the_same_bits_whatever_shares_its_call(shape):
+    """The expert-output cache keys rows by their bytes: a row's output must not depend on its batch."""
+    torch.manual_seed(1)
+    layer = Linear(torch.randn(*shape))
+    x = torch.randn(300, shape[1])
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    for rows, start in [(2, 7), (3, 0), (17, 100), (64, 200), (65, 30), (129, 171), (300, 0)]:
+        assert torch.equal(layer(x[start:start + rows]), alone[start:start + rows])
