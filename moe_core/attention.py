@@ -8,8 +8,8 @@ blocks aligned to position 0. Grouped-query attention uses SDPA's `enable_gqa` i
 
 The invariant forms exist so that a row's output bits never depend on the rest of the step or on
 where a prompt was cut into chunks, which the expert-output cache needs to hit on repeated requests.
-They run only when asked for (`StepBatch.invariant`, set while the cache is on): the batched decode
-call is faster (bench/RESULTS.md, "Batch-invariant attention").
+They run only when asked for (`StepBatch.invariant_prefill` / `invariant_decode`, set for the phases
+the cache is on for): the batched decode call is faster (bench/RESULTS.md, "Expert-output cache").
 """
 
 from __future__ import annotations
@@ -62,17 +62,16 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     # every sequence's own blocks, back to back, in two gathers (per-sequence gathers cost more in calls)
     needed = -(-torch.tensor(lengths, device=block_tables.device) // block_size)
     flat = block_tables[torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < needed[:, None]]
-    keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(q.dtype) for cache in (cache_k, cache_v))
-    out = torch.empty_like(q)
-    offset = 0
-    for i, length in enumerate(lengths):
-        start = offset + (max(0, length - window) if window is not None else 0)
-        k = keys[start:offset + length].transpose(0, 1)[None]  # [1, kv_heads, L, D]
-        v = values[start:offset + length].transpose(0, 1)[None]
-        # 4-D inputs: with 3-D ones SDPA takes a path ~3x slower
-        out[i] = F.scaled_dot_product_attention(q[None, i, :, None, :], k, v, scale=scale, enable_gqa=True)[0, :, 0]
+    keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(q.dtype).transpose(0, 1)  # [kv_heads, T, D]
+                    for cache in (cache_k, cache_v))
+    queries = q[:, None, :, None, :].unbind(0)  # [1, heads, 1, D] each; 4-D: with 3-D SDPA takes a ~3x slower path
+    outs, offset = [], 0
+    for query, length in zip(queries, lengths, strict=True):
+        own = slice(offset + (max(0, length - window) if window is not None else 0), offset + length)
+        outs.append(F.scaled_dot_product_attention(query, keys[None, :, own], values[None, :, own], scale=scale,
+                                                   enable_gqa=True))
         offset += -(-length // block_size) * block_size
-    return out
+    return torch.cat(outs).view(q.shape)
 
 
 PREFILL_BLOCK = 64  # query positions per aligned block of chunk-invariant prefill attention

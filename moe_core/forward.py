@@ -50,7 +50,9 @@ class StepBatch:
     block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     context_lens: torch.Tensor | None = None  # [num_decode], including the new token
     decode_lengths: list[int] = field(default_factory=list)  # context_lens as ints (per-sequence decode)
-    invariant: bool = False  # each row's result independent of the rest of the step (for the expert cache)
+    # each prefill / decode row's result independent of the rest of the step (for the expert-output cache)
+    invariant_prefill: bool = False
+    invariant_decode: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
     request_ids: list[str] = field(default_factory=list)  # the requests in the step, for logs downstream
@@ -144,7 +146,7 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d and batch.invariant:
+    if d and batch.invariant_decode:
         out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
                                         block_size, scale, window)
     elif d:
@@ -156,7 +158,8 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
             keys, values = k[rows], v[rows]
         else:
             keys, values = cache_k[chunk.context_slots], cache_v[chunk.context_slots]
-        out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window, aligned=batch.invariant)
+        out[rows] = prefill_attention(q[rows], keys, values, chunk.start, scale, window,
+                                      aligned=batch.invariant_prefill)
     return output_projection(layer.attn, out)
 
 

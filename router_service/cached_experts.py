@@ -37,7 +37,9 @@ class CachedExperts(WrappedBackend):
                  registry: CollectorRegistry | None = None):
         super().__init__(inner)
         self.config, self.revision = config, revision
-        self.needs_invariance = True  # a repeat's rows must equal the first run's bit for bit to hit
+        # a repeat's rows must equal the first run's bit for bit to hit; decode rows also depend on the
+        # prompt's keys and values, so caching them needs both phases invariant
+        self.invariant_phases = frozenset({"prefill", "decode"} if config.phases != "prefill" else {"prefill"})
         self.local = LocalCache(config.local_bytes)
         self.redis = RedisCache(config.redis_url, config.ttl_s, config.redis_timeout_s) if config.mode == "redis" \
             else None

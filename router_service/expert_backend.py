@@ -30,9 +30,10 @@ class Done:
 
 class ExpertBackend(ABC):
     overlaps = False  # True when submit() returns while the experts are still computing
-    # True when outputs are reused by their exact input bytes (the cache): the engine then runs the
-    # dense part so that each row's bits do not depend on the rest of the step
-    needs_invariance = False
+    # The phases ("prefill", "decode") whose rows this backend reuses by their exact input bytes (the
+    # cache): the engine then runs their attention so that a row's bits do not depend on the rest of
+    # the step. Left empty, the engine takes the faster batched kernels.
+    invariant_phases: frozenset[str] = frozenset()
 
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class WrappedBackend(ExpertBackend):
     def __init__(self, inner: ExpertBackend):
         self.inner = inner
         self.overlaps = inner.overlaps
-        self.needs_invariance = inner.needs_invariance
+        self.invariant_phases = inner.invariant_phases
 
     def close(self) -> None:
         self.inner.close()

@@ -169,7 +169,8 @@ class Engine:
         parts = split_step(scheduled) if self.config.overlap and self.experts.overlaps else [scheduled]
         batches = [build_batch(part, bs, device) for part in parts]
         for batch, _ in batches:
-            batch.invariant = self.experts.needs_invariance
+            batch.invariant_prefill = "prefill" in self.experts.invariant_phases
+            batch.invariant_decode = "decode" in self.experts.invariant_phases
         if len(batches) == 1:
             batch, to_sample = batches[0]
             return forward_step(self.model, self.kv.layers, bs, batch, self.experts), to_sample

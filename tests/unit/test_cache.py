@@ -112,5 +112,6 @@ def test_wrappers_keep_the_need_for_invariance(parts):
 
     _, cached = make(parts)
     stats = RoutingStats(parts[0].cfg)
-    assert RoutingRecorder(cached, stats).needs_invariance
-    assert not RoutingRecorder(parts[1], stats).needs_invariance
+    assert RoutingRecorder(cached, stats).invariant_phases == {"prefill", "decode"}
+    assert not RoutingRecorder(parts[1], stats).invariant_phases
+    assert make(parts, phases="prefill")[1].invariant_phases == {"prefill"}
