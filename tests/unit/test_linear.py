@@ -40,3 +40,28 @@ def test_a_row_gets_the_same_bits_whatever_shares_its_call(shape):
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
     for rows, start in [(2, 7), (3, 0), (17, 100), (64, 200), (65, 30), (129, 171), (300, 0)]:
         assert torch.equal(layer(x[start:start + rows]), alone[start:start + rows])
+
+
+def test_bfloat16_layers_match_the_plain_kernel():
+    """Packed where the CPU has native bf16, plain elsewhere: either way the values of F.linear."""
+    torch.manual_seed(2)
+    weight, x = torch.randn(96, 48).bfloat16(), torch.randn(70, 48).bfloat16()
+    layer = Linear(weight)
+    assert layer.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x).float(), torch.nn.functional.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_bfloat16_model_tracks_the_float32_one(tiny_checkpoint):
+    from moe_core.forward import sequence_logits
+    from moe_core.loader import load_dense_model, load_expert_shard
+    from router_service.expert_backend import LocalExperts
+
+    path = tiny_checkpoint("mixtral-gqa2-top2")
+    tokens = list(range(3, 40))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        experts = LocalExperts(load_expert_shard(path, None, dtype)[1])
+        logits[dtype] = sequence_logits(load_dense_model(path, dtype), experts, tokens).float()
+    agree = (logits[torch.bfloat16].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean()
+    assert agree >= 0.9
+    assert (logits[torch.bfloat16] - logits[torch.float32]).abs().max() < 0.1 * logits[torch.float32].abs().max()
