@@ -45,9 +45,16 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     allowed = key_pos < context_lens[:, None]  # [B, L]
     if window is not None:
         allowed &= key_pos > context_lens[:, None] - 1 - window
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k.to(q.dtype), v.to(q.dtype),
+    dtype = decode_dtype(q)
+    out = F.scaled_dot_product_attention(q[:, :, None, :].to(dtype), k.to(dtype), v.to(dtype),
                                          attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True)
-    return out[:, :, 0, :]
+    return out[:, :, 0, :].to(q.dtype)
+
+
+def decode_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype decode attention computes in: float32 for half types on CPU, where SDPA's one-query
+    kernel runs about 5x slower in bfloat16 than in float32 (bench/RESULTS.md); else the query's."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
 
 
 def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
@@ -62,16 +69,18 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     # every sequence's own blocks, back to back, in two gathers (per-sequence gathers cost more in calls)
     needed = -(-torch.tensor(lengths, device=block_tables.device) // block_size)
     flat = block_tables[torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < needed[:, None]]
-    keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(q.dtype).transpose(0, 1)  # [kv_heads, T, D]
+    dtype = decode_dtype(q)
+    keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(dtype).transpose(0, 1)  # [kv_heads, T, D]
                     for cache in (cache_k, cache_v))
-    queries = q[:, None, :, None, :].unbind(0)  # [1, heads, 1, D] each; 4-D: with 3-D SDPA takes a ~3x slower path
+    # [1, heads, 1, D] each: with 3-D inputs SDPA takes a ~3x slower path
+    queries = q[:, None, :, None, :].to(dtype).unbind(0)
     outs, offset = [], 0
     for query, length in zip(queries, lengths, strict=True):
         own = slice(offset + (max(0, length - window) if window is not None else 0), offset + length)
         outs.append(F.scaled_dot_product_attention(query, keys[None, :, own], values[None, :, own], scale=scale,
                                                    enable_gqa=True))
         offset += -(-length // block_size) * block_size
-    return torch.cat(outs).view(q.shape)
+    return torch.cat(outs).view(q.shape).to(q.dtype)
 
 
 PREFILL_BLOCK = 64  # query positions per aligned block of chunk-invariant prefill attention

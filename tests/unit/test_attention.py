@@ -61,3 +61,14 @@ def _causal(n: int, window: int | None) -> torch.Tensor:
     pos = torch.arange(n)
     allowed = pos[None, :] <= pos[:, None]
     return allowed & (pos[None, :] > pos[:, None] - window) if window else allowed
+
+
+def test_bfloat16_decode_computes_in_float32_and_returns_bfloat16(cache):
+    cache_k, cache_v, tables, q = cache
+    lengths = [9, 30, 48, 2, 17]
+    half = [t.bfloat16() for t in (q, cache_k, cache_v)]
+    for out in (decode_attention(half[0], half[1], half[2], tables, torch.tensor(lengths), BLOCK, 0.3),
+                decode_attention_each(half[0], half[1], half[2], tables, lengths, BLOCK, 0.3)):
+        assert out.dtype == torch.bfloat16
+        reference = decode_attention(*(t.float() for t in half), tables, torch.tensor(lengths), BLOCK, 0.3)
+        torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
