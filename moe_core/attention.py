@@ -64,7 +64,8 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     The CPU SDPA decode kernel splits its work across threads by the batch size, so one sequence's
     result changes in the last bits with what else is in the batch, and a repeated request's decode
     rows would never match the first's in the expert-output cache. One call per sequence makes each
-    output depend only on that sequence's query and cache, at about 1.3x the batched call's time.
+    output depend only on that sequence's query and cache; in a whole serving run it took about as
+    long as the batched call (bench/RESULTS.md, "Expert-output cache").
     """
     # every sequence's own blocks, back to back, in two gathers (per-sequence gathers cost more in calls)
     needed = -(-torch.tensor(lengths, device=block_tables.device) // block_size)

@@ -177,8 +177,7 @@ class _Assembly:
         if not self.writes:
             return
         raw = computed.contiguous().view(torch.uint8).reshape(len(self.misses), -1).cpu().numpy()
-        if len(self.misses) == self.x.shape[0]:  # row i of the output is row i of the step
-            self.cache.remember([(key, raw[row].tobytes()) for row, key in self.writes.items()])
-            return
-        position = {row: i for i, row in enumerate(self.misses)}
-        self.cache.remember([(key, raw[position[row]].tobytes()) for row, key in self.writes.items()])
+        in_order = len(self.misses) == self.x.shape[0]  # row i of the output is row i of the step
+        position = None if in_order else {row: i for i, row in enumerate(self.misses)}
+        self.cache.remember([(key, raw[row if in_order else position[row]].tobytes())
+                             for row, key in self.writes.items()])
