@@ -64,16 +64,20 @@ class Running:
             return stub.GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=10).dispatch
 
     def cache_counts(self) -> dict[str, float]:
-        """The router's expert-cache lookups so far, as {"local:hit": n, "redis:error": n, ...}."""
+        """The router's expert-cache lookups and prefix-cache tokens so far, as {"local:hit": n,
+        "redis:error": n, ..., "prefix:query": n, "prefix:hit": n}."""
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(self.router["metrics_url"], timeout=10).text
         counts: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
-            if family.name == "moe_expert_cache_requests":
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        counts[f"{sample.labels['tier']}:{sample.labels['result']}"] = sample.value
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                if family.name == "moe_expert_cache_requests":
+                    counts[f"{sample.labels['tier']}:{sample.labels['result']}"] = sample.value
+                elif family.name in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
+                    counts[f"prefix:{family.name.split('_')[-2]}"] = sample.value
         return counts
 
     def peak_rss_mib(self) -> dict[str, float]:

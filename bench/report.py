@@ -2,9 +2,9 @@
 
     python -m bench.report bench/results/final.json [--ratios local:cluster-2 ...]
 
-One row per (configuration, concurrency): throughput, latency percentiles, dispatch time and cache
-hit rate where measured; then peak RSS per service; then any requested ratios of output tokens/s
-(B over A, same concurrency, same run).
+One row per (configuration, concurrency): throughput, latency percentiles, dispatch time and the
+expert- and prefix-cache hit rates where measured; then peak RSS per service; then any requested
+ratios of output tokens/s (B over A, same concurrency, same run).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def _cell(value: object) -> str:
 
 def runs_table(report: dict) -> list[str]:
     lines = ["| config | conc. | req | err | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
-             "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate | prefix hit rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in report["configs"]:
         for run in config["runs"]:
             ttft, tpot, itl, e2e = run["ttft_ms"], run["tpot_ms"], run["itl_ms"], run["e2e_ms"]
@@ -29,12 +29,13 @@ def runs_table(report: dict) -> list[str]:
             if "dispatch_ms_per_layer" in run:
                 dispatch = f"{run['dispatch_ms_per_layer']} ({run['dispatch_overhead_ms_per_layer']})"
             cache = run.get("cache", {}).get("hit_rate")
+            prefix = run.get("cache", {}).get("prefix_hit_rate")
             lines.append(
                 f"| {config['config']} | {run['concurrency']} | {run['requests']} | {run['errors']} "
                 f"| {run['output_tok_s']} | {_cell(ttft.get('p50'))} / {_cell(ttft.get('p90'))} / "
                 f"{_cell(ttft.get('p99'))} | {_cell(tpot.get('p50'))} / {_cell(tpot.get('p99'))} "
                 f"| {_cell(itl.get('p50'))} | {_cell(e2e.get('p50'))} / {_cell(e2e.get('p99'))} "
-                f"| {_cell(dispatch)} | {_cell(cache)} |")
+                f"| {_cell(dispatch)} | {_cell(cache)} | {_cell(prefix)} |")
     return lines
 
 

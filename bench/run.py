@@ -97,11 +97,15 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
 
 
 def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Expert-cache rows skipped per lookup, and prompt tokens whose prefill the prefix cache skipped."""
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     hits = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("redis:hit", 0)  # rows not computed
     lookups = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("local:miss", 0)
+    queried, reused = delta.pop("prefix:query", 0), delta.pop("prefix:hit", 0)
     return {"lookups": int(lookups), "hit_rate": round(hits / lookups, 4) if lookups else None,
-            **{key: int(value) for key, value in delta.items()}}
+            **{key: int(value) for key, value in delta.items()},
+            "prefix_query_tokens": int(queried), "prefix_hit_tokens": int(reused),
+            "prefix_hit_rate": round(reused / queried, 4) if queried else None}
 
 
 def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:

@@ -139,7 +139,11 @@ class EngineMetrics:
         self.finished = Counter("moe_request_finished", "Finished requests by reason", ["reason"], registry=registry)
         self.kv_usage = Gauge("moe_kv_cache_usage_ratio", "Used / total KV-cache blocks", registry=registry)
         self.preemptions = Counter("moe_preemptions", "Sequences preempted for lack of KV cache", registry=registry)
-        self._preempted_seen = 0
+        self.prefix_queries = Counter("moe_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache "
+                                      "at admission", registry=registry)
+        self.prefix_hits = Counter("moe_prefix_cache_hit_tokens", "Prompt tokens whose KV blocks came from the "
+                                   "prefix cache (their prefill skipped)", registry=registry)
+        self._preempted_seen = self._queried_seen = self._hit_seen = 0
 
     def on_step(self, engine, scheduled: ScheduledStep, sampled: list[Sequence]) -> None:
         self.step_tokens.observe(scheduled.num_tokens)
@@ -157,6 +161,10 @@ class EngineMetrics:
         if preempted > self._preempted_seen:
             self.preemptions.inc(preempted - self._preempted_seen)
             self._preempted_seen = preempted
+        scheduler = engine.scheduler
+        self.prefix_queries.inc(scheduler.prefix_query_tokens - self._queried_seen)
+        self.prefix_hits.inc(scheduler.prefix_hit_tokens - self._hit_seen)
+        self._queried_seen, self._hit_seen = scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens
 
     def on_finish(self, seq: Sequence, reason: str) -> None:
         now = time.monotonic()

@@ -84,7 +84,8 @@ def cache_config(settings: RouterSettings) -> CacheConfig:
 def engine_config(settings: RouterSettings) -> EngineConfig:
     return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_mib << 20,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                        max_model_len=settings.max_model_len or None, seed=settings.seed, overlap=settings.overlap)
+                        max_model_len=settings.max_model_len or None, seed=settings.seed, overlap=settings.overlap,
+                        prefix_caching=settings.prefix_cache)
 
 
 async def build_router(settings: RouterSettings) -> Router:

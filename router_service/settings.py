@@ -30,6 +30,8 @@ class RouterSettings:
     max_num_seqs: int = setting(64, "most sequences in one batch")
     max_num_batched_tokens: int = setting(2048, "most tokens in one step (long prompts are prefilled in chunks)")
     max_model_len: int = setting(0, "longest prompt + output accepted (0: the model's limit)")
+    prefix_cache: bool = setting(True, "reuse the KV-cache blocks of prompt prefixes seen before (repeated "
+                                       "prompts, shared system prompts, preempted sequences skip that prefill)")
     overlap: bool = setting(False, "split each step into two micro-batches so one computes while the other's "
                                    "experts are in flight (grpc experts only; pays off when the expert services run "
                                    "on other machines or GPUs, not when they share this machine's cores)")

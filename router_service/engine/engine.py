@@ -31,6 +31,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache
     seed: int | None = None  # of the engine's generator for unseeded requests
     overlap: bool = False  # with a remote expert backend, run two micro-batches so network time hides
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         cfg = model.cfg
         self.kv = KvCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype, str(model.device))
-        self.allocator = BlockAllocator(self.kv.num_blocks)
+        self.allocator = BlockAllocator(self.kv.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
         )
@@ -159,6 +160,8 @@ class Engine:
             seq.num_cached += 1
         for seq, n in scheduled.prefills:
             seq.num_cached += n
+        for seq in itertools.chain(scheduled.decodes, (s for s, _ in scheduled.prefills)):
+            self.scheduler.record_computed(seq)
         outputs = [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
         self.observer.on_step(self, scheduled, to_sample)
         return outputs

@@ -4,7 +4,8 @@ Every step first gives each running sequence its next tokens (one for a decode, 
 prompt still being prefilled), oldest first, then admits waiting requests first-come-first-served
 while the token budget, the sequence limit and free KV blocks allow. When the KV cache is full,
 the newest running sequence is preempted (its blocks freed, recomputed later from its tokens), so
-older requests always make progress and nothing is lost.
+older requests always make progress and nothing is lost. With prefix caching, a sequence being
+admitted first takes the cached blocks of its longest known prefix and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up / found in the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,10 +74,15 @@ class Scheduler:
     def _admit(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self._reuse_prefix(seq)
             n = min(seq.num_pending, budget)
             need = self.blocks_for(seq.num_cached + n) - len(seq.blocks)
             if need > self.allocator.num_free:
+                self.allocator.free(seq.blocks)  # don't pin cached blocks while waiting
+                seq.reset_for_recompute()
                 break
+            self.prefix_query_tokens += seq.num_tokens - 1
+            self.prefix_hit_tokens += seq.num_cached
             seq.blocks += self.allocator.allocate(need)
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -83,8 +90,29 @@ class Scheduler:
             self._place(step, seq, n)
             budget -= n
 
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start `seq` on the cached blocks of its prompt's longest known prefix (all but the last
+        token at most: that one's logits are needed)."""
+        blocks, serial = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
+        seq.blocks, seq.prefix_serial = blocks, serial
+        seq.num_hashed_blocks = len(blocks)
+        seq.num_cached = len(blocks) * self.config.block_size
+
+    def record_computed(self, seq: Sequence) -> None:
+        """After a step: offer the blocks `seq` has just filled to the prefix cache."""
+        bs = self.config.block_size
+        full = seq.num_cached // bs
+        if not self.allocator.prefix_caching or seq.num_hashed_blocks >= full:
+            return
+        ids = seq.token_ids
+        for i in range(seq.num_hashed_blocks, full):
+            seq.prefix_serial = self.allocator.register(seq.blocks[i], seq.prefix_serial, ids[i * bs:(i + 1) * bs])
+        seq.num_hashed_blocks = full
+
     def _place(self, step: ScheduledStep, seq: Sequence, n: int) -> None:
-        if seq.num_pending == 1:
+        # A prompt's last token stays a (one-row) prefill when the rest came from the prefix cache,
+        # so its result is the same as when the whole prompt was prefilled.
+        if seq.in_decode:
             step.decodes.append(seq)
         else:
             step.prefills.append((seq, n))

@@ -36,6 +36,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # KV-cache blocks, in position order
     num_cached: int = 0  # leading tokens whose keys and values are in the cache
+    num_hashed_blocks: int = 0  # leading full blocks known to the prefix cache
+    prefix_serial: int = 0  # the prefix cache's serial of the last of them (0: none)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -51,6 +53,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def in_decode(self) -> bool:
+        """The prompt is in the cache and exactly one token waits: the next step samples from one row."""
+        return self.num_cached >= len(self.prompt_ids) and self.num_pending == 1
+
+    @property
     def num_pending(self) -> int:
         """Tokens still to run through the model before the next one can be sampled."""
         return self.num_tokens - self.num_cached
@@ -58,5 +65,5 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, prompt and outputs so far are prefilled again."""
         self.blocks = []
-        self.num_cached = 0
+        self.num_cached = self.num_hashed_blocks = self.prefix_serial = 0
         self.status = Status.WAITING

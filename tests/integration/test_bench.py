@@ -14,7 +14,7 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs", "local",
          "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24", "--output-range",
-         "4", "8", "--work-dir", str(tmp_path), "--out", str(out)],
+         "4", "8", "--repeat-fraction", "0.5", "--work-dir", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -31,6 +31,10 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
                 stats = run[metric]
                 assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
             assert run["ttft_ms"]["p50"] < run["e2e_ms"]["p50"]
+            prefix = run["cache"]
+            assert prefix["prefix_query_tokens"] > 0 and 0 <= prefix["prefix_hit_rate"] <= 1
+    # repeated prompts reuse their KV blocks (the prefix cache is on by default)
+    assert any(r["cache"]["prefix_hit_tokens"] >= 16 for c in report["configs"] for r in c["runs"])
     cluster_runs = report["configs"][1]["runs"]
     assert all(r["dispatch_ms_per_layer"] > r["dispatch_overhead_ms_per_layer"] > 0 for r in cluster_runs)
     assert len(report["configs"][1]["peak_rss_mib"]) == 4  # gateway, router, two experts
