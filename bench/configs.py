@@ -25,6 +25,11 @@ CONFIGS = {
     # the local tier sized to hold a whole run (warm-up plus 64 requests write ~300 MiB of rows)
     "cluster-2-cache-local": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024"],
     "cluster-2-cache-redis": ["--shards", "2", "--cache", "redis", "--router-arg=--cache-local-mib=1024"],
+    # two routers behind the gateway (requests spread over them): a repeat often lands on the router that
+    # did not serve the first one, where only a cache shared through Redis can help
+    "cluster-2-routers-2": ["--shards", "2", "--routers", "2"],
+    "cluster-2-routers-2-cache-redis": ["--shards", "2", "--routers", "2", "--cache", "redis",
+                                        "--router-arg=--cache-local-mib=1024"],
     # + --redis URL and a fresh key prefix per run
 }
 
@@ -55,29 +60,41 @@ class Running:
         return self.cluster["url"]
 
     @property
-    def router(self) -> dict:
-        return next(s for s in self.cluster["services"] if s["role"] == "router")
+    def routers(self) -> list[dict]:
+        return [s for s in self.cluster["services"] if s["role"] == "router"]
 
     def dispatch(self) -> router_pb2.DispatchStats:
-        with grpc.insecure_channel(f"127.0.0.1:{self.router['port']}") as channel:
-            stub = router_pb2_grpc.RouterServiceStub(channel)
-            return stub.GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=10).dispatch
+        """Dispatch counters summed over the routers."""
+        total = router_pb2.DispatchStats()
+        for router in self.routers:
+            with grpc.insecure_channel(f"127.0.0.1:{router['port']}") as channel:
+                stub = router_pb2_grpc.RouterServiceStub(channel)
+                stats = stub.GetClusterStatus(router_pb2.ClusterStatusRequest(), timeout=10).dispatch
+            total.calls += stats.calls
+            total.seconds += stats.seconds
+            total.shard_compute_seconds += stats.shard_compute_seconds
+            total.retries += stats.retries
+        return total
 
     def cache_counts(self) -> dict[str, float]:
-        """The router's expert-cache lookups and prefix-cache tokens so far, as {"local:hit": n,
-        "redis:error": n, ..., "prefix:query": n, "prefix:hit": n}."""
+        """Expert-cache lookups and prefix-cache tokens so far, summed over the routers, as
+        {"local:hit": n, "redis:error": n, ..., "prefix:query": n, "prefix:hit": n}."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.router["metrics_url"], timeout=10).text
         counts: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.name.endswith("_total"):
-                    continue
-                if family.name == "moe_expert_cache_requests":
-                    counts[f"{sample.labels['tier']}:{sample.labels['result']}"] = sample.value
-                elif family.name in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
-                    counts[f"prefix:{family.name.split('_')[-2]}"] = sample.value
+        for router in self.routers:
+            text = httpx.get(router["metrics_url"], timeout=10).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if not sample.name.endswith("_total"):
+                        continue
+                    if family.name == "moe_expert_cache_requests":
+                        key = f"{sample.labels['tier']}:{sample.labels['result']}"
+                    elif family.name in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
+                        key = f"prefix:{family.name.split('_')[-2]}"
+                    else:
+                        continue
+                    counts[key] = counts.get(key, 0.0) + sample.value
         return counts
 
     def peak_rss_mib(self) -> dict[str, float]:

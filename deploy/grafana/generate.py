@@ -277,6 +277,11 @@ def cluster() -> dict[str, Any]:
         timeseries("Cache lookup time p99",
                    quantiles("moe_expert_cache_lookup_duration_seconds", ("tier",), "{{tier}}", qs=P99),
                    w=8, unit="s"),
+        timeseries("Prefix cache: prompt tokens /s",
+                   [target(f"sum(rate(moe_prefix_cache_query_tokens_total{RATE}))", "looked up"),
+                    target(f"sum(rate(moe_prefix_cache_hit_tokens_total{RATE}))", "reused (prefill skipped)")],
+                   w=8, description="Prompt tokens whose KV blocks a router already had: their prefill, dense "
+                                    "part and experts, is skipped."),
         row("Processes"),
         timeseries("Resident memory", [target('sum by (job, instance) (process_resident_memory_bytes'
                                               '{job=~"gateway|router|expert"})', "{{job}} {{instance}}")],
