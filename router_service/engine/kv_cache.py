@@ -61,7 +61,6 @@ class BlockAllocator:
         self._by_key: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # key -> (serial, block)
         self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its key
         self._serials = itertools.count(1)  # 0 is the empty prefix
-        self.query_tokens = self.hit_tokens = 0  # prompt tokens looked up / found cached
 
     @property
     def num_free(self) -> int:
@@ -112,8 +111,6 @@ class BlockAllocator:
             if self._refs[block] == 0:
                 del self._evictable[block]
             self._refs[block] += 1
-        self.query_tokens += max_tokens
-        self.hit_tokens += len(blocks) * bs
         return blocks, serial
 
     def register(self, block: int, parent: int, tokens: list[int]) -> int:

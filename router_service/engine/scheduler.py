@@ -93,6 +93,8 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq` on the cached blocks of its prompt's longest known prefix (all but the last
         token at most: that one's logits are needed)."""
+        if not self.allocator.prefix_caching:
+            return
         blocks, serial = self.allocator.match(seq.token_ids, seq.num_tokens - 1)
         seq.blocks, seq.prefix_serial = blocks, serial
         seq.num_hashed_blocks = len(blocks)
