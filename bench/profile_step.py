@@ -1,6 +1,6 @@
 """Time one-process engine steps on a bench preset and show where a decode step spends its time.
 
-    python -m bench.profile_step --preset bench-s --batch 32 --prompt-len 256 [--profile]
+    python -m bench.profile_step --preset bench-s --batch 32 --prompt-len 256 [--dtype bfloat16] [--profile]
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops of 5 steps")
     args = p.parse_args()
     path = make_bench_model(args.preset, Path("bench/out/models") / args.preset)
     ckpt = Checkpoint(path)
-    model = load_dense_model(path, ckpt=ckpt)
-    engine = Engine(model, LocalExperts(load_experts(ckpt, model.cfg, None, torch.float32)), None,
+    dtype = getattr(torch, args.dtype)
+    model = load_dense_model(path, ckpt=ckpt, dtype=dtype)
+    engine = Engine(model, LocalExperts(load_experts(ckpt, model.cfg, None, dtype)), None,
                     EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=max(64, args.batch)))
     g = torch.Generator().manual_seed(0)
     for _ in range(args.batch):

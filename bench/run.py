@@ -67,6 +67,14 @@ def _revision() -> str:
 EXTERNAL = ["transformers", "llamacpp-f32", "llamacpp-bf16"]
 
 
+def level_workload(args: argparse.Namespace, vocab: int, concurrency: int) -> list:
+    """The requests of one concurrency level. Each level draws its own prompts: one server runs every
+    level in turn, and the same prompts again would meet the prefix cache of the level before."""
+    return mixed_workload(args.requests if concurrency > 1 else max(8, args.requests // 4), vocab,
+                          args.seed + 1000 * concurrency, tuple(args.prompt_range), tuple(args.output_range),
+                          args.repeat_fraction)
+
+
 def warm_up(args: argparse.Namespace, model: Path) -> list:
     """Two requests of their own seed: prompts the measured workload never sends, so no cache hit comes from them."""
     return mixed_workload(2, load_config(model).vocab_size, args.seed + 1, tuple(args.prompt_range),
@@ -145,14 +153,13 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
 def run(args: argparse.Namespace) -> int:
     model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
     cfg = load_config(model)
-    workloads = {c: mixed_workload(args.requests if c > 1 else max(8, args.requests // 4), cfg.vocab_size,
-                                   args.seed, tuple(args.prompt_range), tuple(args.output_range),
-                                   args.repeat_fraction) for c in sorted(args.concurrency)}
+    workloads = {c: level_workload(args, cfg.vocab_size, c) for c in sorted(args.concurrency)}
     report = {"preset": None if args.model else args.preset, "model": str(model), "dtype": args.dtype,
               "git": _revision(), "machine": f"{platform.machine()} {platform.processor()} cores={_cores()}",
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
-                  "repeat_fraction": args.repeat_fraction, "seed": args.seed},
+                  "repeat_fraction": args.repeat_fraction, "seed": args.seed,
+                  "level_seeds": {c: args.seed + 1000 * c for c in sorted(args.concurrency)}},
               "configs": [bench_config(name, model, args, workloads) for name in args.configs]}
     out = args.out or args.work_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,6 @@ import os
 import uuid
 from pathlib import Path
 
-import torch
-
 from expert_service.metrics import ExpertMetrics
 from expert_service.servicer import ExpertServicer
 from expert_service.settings import ExpertSettings
@@ -23,6 +21,7 @@ from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.placement import load_placement, pairs_from_spec, parse_ids
 from moe_core.revision import model_revision
 from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.threads import compute_threads, serial_main_thread
 from moe_core.weights import load_experts
 
 log = logging.getLogger("expert_service")
@@ -40,8 +39,6 @@ def shard_pairs(settings: ExpertSettings, cfg) -> list[tuple[int, int]]:
 
 
 def build_shard(settings: ExpertSettings) -> ExpertShard:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     cfg = load_config(settings.model)
@@ -54,10 +51,12 @@ def build_shard(settings: ExpertSettings) -> ExpertShard:
 
 
 async def serve(settings: ExpertSettings) -> None:
+    threads = compute_threads(settings.threads)
+    serial_main_thread()  # the servicer's compute thread owns the process's one OpenMP team
     shard = build_shard(settings)
     server = new_server()
     metrics = ExpertMetrics(shard, settings.per_expert_metrics)
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics), server)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics, threads), server)
     health = add_health(server)
     tls = Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
     port = bind(server, settings.host, settings.port, tls)

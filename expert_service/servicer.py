@@ -1,8 +1,10 @@
 """The gRPC face of an expert shard.
 
-A decode step's few rows are computed right on the event loop: handing them to a thread would cost
-more than the math. Larger batches (prefill chunks) run on one worker thread, so health checks and
-Describe stay answered while they compute.
+Every forward runs on one worker thread, the process's only compute thread (with the intra-op
+threads the service was given; the event loop's thread stays serial, see moe_core/threads.py), so
+health checks and Describe stay answered while a large batch computes. Decode rows were once computed
+right on the event loop to save the thread hop, but then the loop's thread and the worker each owned
+an OpenMP team, and every torch op in the process paid for it (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -15,22 +17,22 @@ from expert_service.metrics import ExpertMetrics
 from expert_service.shard import ExpertShard
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
+from moe_core.threads import use_threads
 
-INLINE_ROWS = 64
 log = logging.getLogger(__name__)
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
+    def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None, threads: int | None = None):
+        """`threads`: torch intra-op threads of the compute thread (None: leave torch's setting alone)."""
         self.shard, self.metrics = shard, metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts",
+                                           initializer=None if threads is None else use_threads,
+                                           initargs=() if threads is None else (threads,))
 
     async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         try:
-            if request.hidden.shape and request.hidden.shape[0] <= INLINE_ROWS:
-                response = self.shard.forward(request)
-            else:
-                response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+            response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
         except StatusError as exc:
             if self.metrics:
                 self.metrics.requests.labels(exc.code.name).inc()

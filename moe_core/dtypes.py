@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moe_core.errors import ConfigError
@@ -10,14 +12,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bfloat16 matmuls only beat float32 on CPUs with native bf16 instructions (AVX-512 BF16 / AMX)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bfloat16 matmuls only beat float32 on CPUs with native bf16 instructions (AVX-512 BF16 / AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Intel AMX tiles with bf16 (Sapphire Rapids and later), where oneDNN's bf16 kernels run fastest."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_core.linear import row_pieces
 from moe_core.weights import LayerExperts
 
 SMALL_PAIRS = 256  # at most this many (row, expert) pairs: group in Python
@@ -31,11 +32,13 @@ def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, we
     ys = torch.empty(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, count in enumerate(counts):
-        if count:
-            gate, up = experts.gate_up[e](xs[start:start + count]).chunk(2, dim=-1)
-            ys[start:start + count] = experts.down[e](F.silu(gate) * up)
-            start += count
-    ys.mul_(pair_w[:, None])
+        # an expert's rows in the pieces its packed kernels run as anyway, each written straight into ys
+        # (scaled by its gate weight, in float32): no concatenation of piece outputs, no second pass
+        for piece in row_pieces(count):
+            rows_of_piece = slice(start, start + piece)
+            gate, up = experts.gate_up[e](xs[rows_of_piece]).chunk(2, dim=-1)
+            torch.mul(experts.down[e](F.silu(gate) * up), pair_w[rows_of_piece, None], out=ys[rows_of_piece])
+            start += piece
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, ys)
     return out.to(x.dtype)

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from prometheus_client import CollectorRegistry
 
 from moe_core.checkpoint import Checkpoint
@@ -19,6 +18,7 @@ from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.placement import load_placement
 from moe_core.revision import model_revision
 from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
+from moe_core.threads import compute_threads, serial_main_thread
 from moe_core.tokenizer import Tokenizer
 from moe_core.weights import load_experts
 from router_service.cache import CacheConfig
@@ -89,8 +89,6 @@ def engine_config(settings: RouterSettings) -> EngineConfig:
 
 
 async def build_router(settings: RouterSettings) -> Router:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     revision = model_revision(settings.model)
@@ -126,13 +124,15 @@ def _tokenizer(model_dir: str) -> Tokenizer | None:
 
 
 async def serve(settings: RouterSettings) -> None:
+    threads = compute_threads(settings.threads)
+    serial_main_thread()  # the engine thread owns the process's one OpenMP team (moe_core/threads.py)
     router = await build_router(settings)
     engine = router.engine
     info = router_pb2.ModelInfo(model_id=settings.model_id or Path(settings.model).resolve().name,
                                 model_revision=router.revision, model_type=engine.model.cfg.model_type,
                                 vocab_size=engine.model.cfg.vocab_size, max_model_len=engine.max_model_len,
                                 created=int(time.time()), experts_backend=settings.experts)
-    loop = EngineLoop(engine).start()
+    loop = EngineLoop(engine, threads).start()
     server = new_server()
     servicer = RouterServicer(loop, info, router, settings.max_queue)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from moe_core.errors import MoeServeError
+from moe_core.threads import use_threads
 from router_service.engine.engine import Engine, RequestOutput
 from router_service.engine.params import SamplingParams
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, threads: int | None = None):
+        """`threads`: torch intra-op threads for the engine thread (None: leave torch's setting alone)."""
+        self.engine, self.threads = engine, threads
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
@@ -104,6 +106,8 @@ class EngineLoop:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            use_threads(self.threads)
         while True:
             with self._lock:
                 self._apply_aborts()

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from moe_core.attention import decode_attention, decode_attention_each, prefill_attention
+import moe_core.attention as attention
+from moe_core.attention import decode_attention, decode_attention_each, decode_dtype, prefill_attention
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -63,7 +64,7 @@ def _causal(n: int, window: int | None) -> torch.Tensor:
     return allowed & (pos[None, :] > pos[:, None] - window) if window else allowed
 
 
-def test_bfloat16_decode_computes_in_float32_and_returns_bfloat16(cache):
+def test_bfloat16_decode_matches_float32_and_returns_bfloat16(cache):
     cache_k, cache_v, tables, q = cache
     lengths = [9, 30, 48, 2, 17]
     half = [t.bfloat16() for t in (q, cache_k, cache_v)]
@@ -72,3 +73,11 @@ def test_bfloat16_decode_computes_in_float32_and_returns_bfloat16(cache):
         assert out.dtype == torch.bfloat16
         reference = decode_attention(*(t.float() for t in half), tables, torch.tensor(lengths), BLOCK, 0.3)
         torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_bfloat16_decode_computes_in_bfloat16_only_where_the_cpu_has_amx(monkeypatch, amx, expected):
+    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda: amx)
+    assert decode_dtype(torch.zeros(1, dtype=torch.bfloat16)) == expected
+    assert decode_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
+    assert decode_dtype(torch.zeros(1)) == torch.float32

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from router_service.engine.engine import EngineConfig
+from router_service.engine.engine import EngineConfig, EngineObserver
 from router_service.engine.loop import EngineLoop
 from router_service.engine.params import SamplingParams
 from router_service.local import build_local_engine
@@ -71,6 +72,25 @@ def test_loop_streams_to_threads_and_asyncio(engine_and_tokenizer):
 
         async_tokens = asyncio.run(consume())
     assert sync_tokens == expected and async_tokens == [expected] * 4
+
+
+def test_the_loop_gives_the_engine_thread_its_own_thread_count(engine_and_tokenizer):
+    engine, tok = engine_and_tokenizer
+    main = torch.get_num_threads()
+    seen: list[int] = []
+
+    class Spy(EngineObserver):
+        def on_step(self, engine, scheduled, sampled):
+            seen.append(torch.get_num_threads())
+
+    observer, engine.observer = engine.observer, Spy()
+    try:
+        with EngineLoop(engine, threads=main + 1) as loop:
+            list(loop.stream(tok.encode("The"), SamplingParams(max_tokens=2, temperature=0.0)))
+    finally:
+        engine.observer = observer
+    assert seen and set(seen) == {main + 1}
+    assert torch.get_num_threads() == main  # the caller's thread keeps its own
 
 
 def test_closing_a_stream_aborts_and_frees(engine_and_tokenizer):

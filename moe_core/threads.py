@@ -1,0 +1,33 @@
+"""Torch's CPU threads in a service whose model math runs on one worker thread.
+
+libgomp gives every thread that starts a parallel region its own team of workers, and once a process
+holds more OpenMP threads than it has CPUs, idle workers spin about 100 times instead of 300,000
+before they sleep on a futex: from then on every torch op pays a wake-up. A router that loaded its
+model on the main thread (one team) and steps the engine on another (a second team) ran a decode step
+in 22.7 ms instead of 11.9 ms on a 2-core machine (bench/RESULTS.md, "One OpenMP team per process").
+
+So a service keeps its main thread serial (`serial_main_thread`, before any torch work: loading runs
+there single-threaded) and gives the compute thread its count (`use_threads`, called on that thread).
+One team of the right size, however many threads the process has.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DEFAULT = torch.get_num_threads()  # torch's own choice (the cores it may use), before anyone changed it
+
+
+def compute_threads(requested: int = 0) -> int:
+    """Intra-op threads for the compute thread: `requested`, or torch's default when 0."""
+    return requested or _DEFAULT
+
+
+def serial_main_thread() -> None:
+    """Run this thread's torch ops single-threaded, so it never starts an OpenMP team of its own."""
+    torch.set_num_threads(1)
+
+
+def use_threads(count: int) -> None:
+    """Give the calling thread `count` intra-op threads (the setting is per thread under OpenMP)."""
+    torch.set_num_threads(count)
