@@ -21,7 +21,7 @@ from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.placement import load_placement, pairs_from_spec, parse_ids
 from moe_core.revision import model_revision
 from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
-from moe_core.threads import compute_threads, serial_main_thread
+from moe_core.threads import compute_threads, use_threads
 from moe_core.weights import load_experts
 
 log = logging.getLogger("expert_service")
@@ -51,12 +51,11 @@ def build_shard(settings: ExpertSettings) -> ExpertShard:
 
 
 async def serve(settings: ExpertSettings) -> None:
-    threads = compute_threads(settings.threads)
-    serial_main_thread()  # the servicer's compute thread owns the process's one OpenMP team
+    use_threads(compute_threads(settings.threads))  # this thread computes every forward (servicer.py)
     shard = build_shard(settings)
     server = new_server()
     metrics = ExpertMetrics(shard, settings.per_expert_metrics)
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics, threads), server)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics), server)
     health = add_health(server)
     tls = Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
     port = bind(server, settings.host, settings.port, tls)

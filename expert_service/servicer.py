@@ -1,38 +1,31 @@
 """The gRPC face of an expert shard.
 
-Every forward runs on one worker thread, the process's only compute thread (with the intra-op
-threads the service was given; the event loop's thread stays serial, see moe_core/threads.py), so
-health checks and Describe stay answered while a large batch computes. Decode rows were once computed
-right on the event loop to save the thread hop, but then the loop's thread and the worker each owned
-an OpenMP team, and every torch op in the process paid for it (bench/RESULTS.md).
+Every forward runs right on the event loop's thread, the process's only compute thread. Large
+batches once went to a worker thread so that health checks stayed answered meanwhile, but then two
+threads each owned an OpenMP team and every torch op in the process paid for it (moe_core/threads.py):
+on cluster-2 at concurrency 32 the worker thread measured 187 output tok/s, one thread 220
+(bench/RESULTS.md). A health check now waits at most one layer step's compute (milliseconds).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from expert_service.metrics import ExpertMetrics
 from expert_service.shard import ExpertShard
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
-from moe_core.threads import use_threads
 
 log = logging.getLogger(__name__)
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None, threads: int | None = None):
-        """`threads`: torch intra-op threads of the compute thread (None: leave torch's setting alone)."""
+    def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
         self.shard, self.metrics = shard, metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts",
-                                           initializer=None if threads is None else use_threads,
-                                           initargs=() if threads is None else (threads,))
 
     async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         try:
-            response = await asyncio.get_running_loop().run_in_executor(self.executor, self.shard.forward, request)
+            response = self.shard.forward(request)
         except StatusError as exc:
             if self.metrics:
                 self.metrics.requests.labels(exc.code.name).inc()

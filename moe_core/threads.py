@@ -1,14 +1,14 @@
-"""Torch's CPU threads in a service whose model math runs on one worker thread.
+"""Torch's CPU threads in a service process: one thread computes, and it alone gets the threads.
 
 libgomp gives every thread that starts a parallel region its own team of workers, and once a process
 holds more OpenMP threads than it has CPUs, idle workers spin about 100 times instead of 300,000
 before they sleep on a futex: from then on every torch op pays a wake-up. A router that loaded its
-model on the main thread (one team) and steps the engine on another (a second team) ran a decode step
-in 22.7 ms instead of 11.9 ms on a 2-core machine (bench/RESULTS.md, "One OpenMP team per process").
+model on the main thread (one team) and stepped the engine on another (a second team) ran a decode
+step in 22.7 ms instead of 11.9 ms on a 2-core machine (bench/RESULTS.md, "One OpenMP team per process").
 
-So a service keeps its main thread serial (`serial_main_thread`, before any torch work: loading runs
-there single-threaded) and gives the compute thread its count (`use_threads`, called on that thread).
-One team of the right size, however many threads the process has.
+The router computes on its engine thread: its main thread goes serial (`serial_main_thread`, before
+any torch work, so loading runs there single-threaded) and the engine thread takes its count
+(`use_threads`). An expert service computes on its event loop's thread, which keeps the count.
 """
 
 from __future__ import annotations

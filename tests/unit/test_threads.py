@@ -6,7 +6,6 @@ import threading
 
 import torch
 
-from expert_service.servicer import ExpertServicer
 from moe_core.threads import compute_threads, serial_main_thread, use_threads
 
 
@@ -36,11 +35,3 @@ def test_serial_main_thread_runs_single_threaded():
         assert torch.get_num_threads() == 1
     finally:
         use_threads(before)
-
-
-def test_expert_servicer_computes_on_one_thread_with_the_given_count():
-    servicer = ExpertServicer(shard=None, threads=torch.get_num_threads() + 1)
-    try:
-        assert servicer.executor.submit(torch.get_num_threads).result() == torch.get_num_threads() + 1
-    finally:
-        servicer.executor.shutdown()
