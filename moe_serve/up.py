@@ -96,8 +96,18 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
                            "--ready-file", str(ready),
                            "--dtype", args.dtype, "--device", args.device, "--threads", str(threads),
                            "--drain-grace-s", "0.5", *args.expert_arg)
-            services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r})))
+            services.append(group.start(Service(name, "expert", argv, ready, {"shard": spec.shard_id, "replica": r}),
+                                        SHARED_CORES_ENV))
     return services
+
+
+# The services of one `up` share this machine's cores and mostly wait for each other (a router for its
+# shards, a shard for the next layer). OpenMP's default lets idle workers spin for a while after each
+# op, burning the core another service needs: on cluster-2-layers at concurrency 1, time per output
+# token went from 58 ms to 34-38 ms with passive waiting (bench/RESULTS.md). One process alone (the
+# router with local experts) keeps the default, where spinning is what makes back-to-back ops cheap.
+# A value the user set wins.
+SHARED_CORES_ENV = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None) -> list[Service]:
@@ -111,7 +121,8 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
                        "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
                        *args.router_arg)
-        services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i})))
+        services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i}),
+                                    SHARED_CORES_ENV if placement else None))
     return services
 
 

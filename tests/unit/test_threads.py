@@ -35,3 +35,39 @@ def test_serial_main_thread_runs_single_threaded():
         assert torch.get_num_threads() == 1
     finally:
         use_threads(before)
+
+
+def test_cluster_services_wait_passively_and_a_lone_router_keeps_the_default(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from moe_serve import up
+
+    monkeypatch.setattr(up, "SHARED_CORES_ENV", {"OMP_WAIT_POLICY": "PASSIVE"})
+    started: list[tuple[str, dict | None]] = []
+
+    class Group:
+        def start(self, service, env=None):
+            started.append((service.name, env))
+            return service
+
+    args = SimpleNamespace(routers=1, run_dir=tmp_path, cache="off", redis=None, host="127.0.0.1", dtype="auto",
+                           device="cpu", kv_cache_mib=64, max_model_len=0, router_threads=0, rpc_timeout_s=5.0,
+                           router_arg=[])
+    up.start_routers(Group(), args, tmp_path, placement=None)
+    up.start_routers(Group(), args, tmp_path, placement=tmp_path / "placement.json")
+    assert started == [("router 0", None), ("router 0", {"OMP_WAIT_POLICY": "PASSIVE"})]
+
+
+def test_a_wait_policy_the_user_set_wins(monkeypatch):
+    import importlib
+
+    from moe_serve import up
+
+    try:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert importlib.reload(up).SHARED_CORES_ENV == {}
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        assert importlib.reload(up).SHARED_CORES_ENV == {"OMP_WAIT_POLICY": "PASSIVE"}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(up)
