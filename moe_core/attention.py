@@ -86,13 +86,12 @@ def decode_attention_each(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     dtype = decode_dtype(q)
     keys, values = (gather_blocks(cache, flat[None], block_size)[0].to(dtype).transpose(0, 1)  # [kv_heads, T, D]
                     for cache in (cache_k, cache_v))
-    # [1, heads, 1, D] each: with 3-D inputs SDPA takes a ~3x slower path
-    queries = q[:, None, :, None, :].to(dtype).unbind(0)
+    # [1, kv_heads, heads // kv_heads, D] each (4-D: with 3-D inputs SDPA takes a ~3x slower path)
+    queries = grouped_queries(q, keys.shape[0]).to(dtype)[:, None].unbind(0)
     outs, offset = [], 0
     for query, length in zip(queries, lengths, strict=True):
         own = slice(offset + (max(0, length - window) if window is not None else 0), offset + length)
-        outs.append(F.scaled_dot_product_attention(query, keys[None, :, own], values[None, :, own], scale=scale,
-                                                   enable_gqa=True))
+        outs.append(F.scaled_dot_product_attention(query, keys[None, :, own], values[None, :, own], scale=scale))
         offset += -(-length // block_size) * block_size
     return torch.cat(outs).view(q.shape).to(q.dtype)
 
