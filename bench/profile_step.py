@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops of 5 steps")
     args = p.parse_args()
     path = make_bench_model(args.preset, Path("bench/out/models") / args.preset)
@@ -39,7 +40,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(args.batch):
         engine.add_request(torch.randint(5, model.cfg.vocab_size, (args.prompt_len,), generator=g).tolist(),
-                           SamplingParams(max_tokens=args.steps + 10, temperature=0.0, ignore_eos=True))
+                           SamplingParams(max_tokens=args.steps + 10, temperature=args.temperature, ignore_eos=True))
     started, prefill_tokens = time.perf_counter(), 0
     while not engine.scheduler.running or engine.last_step_tokens != args.batch:
         engine.step()

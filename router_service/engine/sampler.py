@@ -48,12 +48,22 @@ class Sampler:
         logits = _top_k(logits, [s.params.top_k for s in seqs])
         logits = _top_p(logits, [s.params.top_p for s in seqs])
         probs = torch.softmax(logits, dim=-1)
-        # Exponential race (argmax p / E, E ~ Exp(1)) samples from p; each seeded row draws its own noise.
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # Inverse CDF: one uniform per row, found in the row's cumulative distribution. (An exponential
+        # race, argmax p / E, needs a random number per vocabulary entry: 21 ms for 32 rows of 32,000 on a
+        # 2-core CPU, against 0.5 ms; torch.multinomial draws one sample that same way.) Each seeded row
+        # draws from its own generator, and a row's cumsum is its own, so its sample ignores the batch.
+        u = torch.empty(len(seqs), 1, device=logits.device)
+        shared = [row for row, seq in enumerate(seqs) if seq.generator is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), 1, generator=self.generator, device=logits.device)
         for row, seq in enumerate(seqs):
             if seq.generator is not None:
-                noise[row].exponential_(generator=seq.generator)
-        return (probs / noise).argmax(dim=-1)
+                u[row] = torch.rand(1, generator=seq.generator, device=logits.device)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # strictly below the row's total, so the search always lands on a token of nonzero probability
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True)[:, 0]
 
     def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], ids: list[int]) -> list[TokenLogprob | None]:
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
