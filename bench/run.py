@@ -67,11 +67,16 @@ def _revision() -> str:
 EXTERNAL = ["transformers", "llamacpp-f32", "llamacpp-bf16"]
 
 
+def level_seed(args: argparse.Namespace, concurrency: int) -> int:
+    """Each level draws its own prompts: one server runs every level in turn, and the same prompts
+    again would meet the prefix cache of the level before."""
+    return args.seed + 1000 * concurrency
+
+
 def level_workload(args: argparse.Namespace, vocab: int, concurrency: int) -> list:
-    """The requests of one concurrency level. Each level draws its own prompts: one server runs every
-    level in turn, and the same prompts again would meet the prefix cache of the level before."""
+    """The requests of one concurrency level (a quarter of them, at least 8, at concurrency 1)."""
     return mixed_workload(args.requests if concurrency > 1 else max(8, args.requests // 4), vocab,
-                          args.seed + 1000 * concurrency, tuple(args.prompt_range), tuple(args.output_range),
+                          level_seed(args, concurrency), tuple(args.prompt_range), tuple(args.output_range),
                           args.repeat_fraction)
 
 
@@ -159,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
                   "repeat_fraction": args.repeat_fraction, "seed": args.seed,
-                  "level_seeds": {c: args.seed + 1000 * c for c in sorted(args.concurrency)}},
+                  "level_seeds": {c: level_seed(args, c) for c in sorted(args.concurrency)}},
               "configs": [bench_config(name, model, args, workloads) for name in args.configs]}
     out = args.out or args.work_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_core.linear import row_pieces
 from moe_core.weights import LayerExperts
 
 SMALL_PAIRS = 256  # at most this many (row, expert) pairs: group in Python
@@ -32,13 +31,12 @@ def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, we
     ys = torch.empty(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, count in enumerate(counts):
-        # an expert's rows in the pieces its packed kernels run as anyway, each written straight into ys
-        # (scaled by its gate weight, in float32): no concatenation of piece outputs, no second pass
-        for piece in row_pieces(count):
-            rows_of_piece = slice(start, start + piece)
-            gate, up = experts.gate_up[e](xs[rows_of_piece]).chunk(2, dim=-1)
-            torch.mul(experts.down[e](F.silu(gate) * up), pair_w[rows_of_piece, None], out=ys[rows_of_piece])
-            start += piece
+        if count:
+            mine = slice(start, start + count)
+            gate, up = experts.gate_up[e](xs[mine]).chunk(2, dim=-1)
+            # scaled by the gate weights straight into ys (float32): no second pass over all pairs
+            torch.mul(experts.down[e](F.silu(gate) * up), pair_w[mine, None], out=ys[mine])
+            start += count
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, ys)
     return out.to(x.dtype)

@@ -80,8 +80,10 @@ class Linear:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        pieces = row_pieces(rows.shape[0]) if SPLIT_ROWS else [rows.shape[0]]
-        if len(pieces) <= 1:  # no concatenation (a copy of the whole output) for a single piece
+        if rows.shape[0] <= EXACT_ROWS or not SPLIT_ROWS:
+            return self._rows(rows).reshape(*x.shape[:-1], self.shape[0])
+        pieces = row_pieces(rows.shape[0])
+        if len(pieces) == 1:  # a chunk size exactly: no concatenation (a copy of the whole output)
             return self._rows(rows).reshape(*x.shape[:-1], self.shape[0])
         outs, start = [], 0
         for piece in pieces:
