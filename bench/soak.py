@@ -67,7 +67,7 @@ def start_cluster(model: Path, run_dir: Path, dtype: str, replica_env: dict[str,
     for spec in specs:
         spec.replicas = [f"{args.host}:{s.port}" for s in experts if s.info["shard"] == spec.shard_id]
     write_placement(placement, specs)
-    routers = up.start_routers(group, args, model, placement)
+    routers = up.start_routers(group, args, model, placement, len(specs))
     group.wait_ready(routers, 300)
     gateway = up.start_gateway(group, args, model, routers)
     group.wait_ready([gateway], 300)

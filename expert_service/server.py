@@ -8,6 +8,7 @@ import os
 import uuid
 from pathlib import Path
 
+from expert_service.data_plane import bound_port, serve_data_plane
 from expert_service.metrics import ExpertMetrics
 from expert_service.servicer import ExpertServicer
 from expert_service.settings import ExpertSettings
@@ -55,18 +56,25 @@ async def serve(settings: ExpertSettings) -> None:
     shard = build_shard(settings)
     server = new_server()
     metrics = ExpertMetrics(shard, settings.per_expert_metrics)
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, metrics), server)
+    servicer = ExpertServicer(shard, metrics)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     health = add_health(server)
     tls = Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
     port = bind(server, settings.host, settings.port, tls)
     await server.start()
+    data_plane = None if settings.data_port < 0 else await serve_data_plane(servicer, settings.host,
+                                                                             settings.data_port, tls)
+    shard.data_port = bound_port(data_plane) if data_plane else 0
     metrics_port = serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     await set_serving(health, [SERVICE], True)
     held = sum(len(e.expert_ids) for e in shard.experts.values())
     log.info("shard %s serving %d experts over %d layers of %s (revision %s, %s on %s) at %s:%d",
              shard.shard_id, held, len(shard.experts), shard.model_id, shard.revision, shard.dtype, shard.device,
              settings.host, port)
-    write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, role="expert", shard=shard.shard_id)
+    if data_plane:
+        log.info("data plane at %s:%d", settings.host, shard.data_port)
+    write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, data_port=shard.data_port,
+                     role="expert", shard=shard.shard_id)
     stop = stop_event_on_signals()
     await stop.wait()
     # Readiness first: routers' health checks see NOT_SERVING and move traffic to other replicas while
@@ -74,6 +82,8 @@ async def serve(settings: ExpertSettings) -> None:
     log.info("draining for %.1fs", settings.drain_grace_s)
     await set_serving(health, [SERVICE], False)
     await asyncio.sleep(settings.drain_grace_s)
+    if data_plane:
+        data_plane.close()
     await server.stop(grace=5.0)
     log.info("stopped")
 

@@ -23,7 +23,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
         self.shard, self.metrics = shard, metrics
 
-    async def _run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+    def run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+        """One message's answer; raises StatusError for a request it refuses."""
         try:
             response = self.shard.forward(request)
         except StatusError as exc:
@@ -40,16 +41,20 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             self.metrics.rows.observe(request.hidden.shape[0] if request.hidden.shape else 0)
         return response
 
+    def answer(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+        """One message's answer on a stream: a refused message gets `error` set and the stream stays open."""
+        try:
+            return self.run(request)
+        except StatusError as exc:
+            return expert_pb2.ExpertResponse(step_id=request.step_id,
+                                             error=expert_pb2.Error(code=exc.code.value[0], message=exc.message))
+
     async def Forward(self, request, context):
-        return await self._run(request)
+        return self.run(request)
 
     async def ForwardStream(self, request_iterator, context):
         async for request in request_iterator:
-            try:
-                yield await self._run(request)
-            except StatusError as exc:  # one bad message must not tear down the stream
-                yield expert_pb2.ExpertResponse(step_id=request.step_id,
-                                                error=expert_pb2.Error(code=exc.code.value[0], message=exc.message))
+            yield self.answer(request)
 
     async def Describe(self, request, context):
         return self.shard.describe()

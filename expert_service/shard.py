@@ -25,6 +25,7 @@ class ExpertShard:
         self.model_id, self.revision, self.shard_id, self.replica_id = model_id, revision, shard_id, replica_id
         self.dtype, self.device = dtype, device
         self.rows = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64)
+        self.data_port = 0  # set once the data plane listens
 
     def forward(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         started = time.perf_counter()
@@ -72,4 +73,4 @@ class ExpertShard:
         return expert_pb2.ShardInfo(model_id=self.model_id, model_revision=self.revision, shard_id=self.shard_id,
                                     experts=pairs, dtype=NAMES[self.dtype], device=str(self.device),
                                     hidden_size=self.cfg.hidden_size, num_experts=self.cfg.num_experts,
-                                    replica_id=self.replica_id)
+                                    replica_id=self.replica_id, data_port=self.data_port)

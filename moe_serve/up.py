@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (for router and experts)")
     p.add_argument("--kv-cache-mib", type=int, default=1024, help="each router's KV-cache budget")
     p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (0: the model's)")
-    p.add_argument("--router-threads", type=int, default=0, help="torch threads per router (0: all cores)")
+    p.add_argument("--router-threads", type=int, default=0,
+                   help="torch threads per router (0: all cores alone, a fair share beside expert services "
+                        "holding slices of every layer)")
     p.add_argument("--expert-threads", type=int, default=0,
                    help="torch threads per expert service (0: cores divided among the shards)")
     p.add_argument("--cache", choices=["off", "local", "redis"], default=None,
@@ -92,7 +94,8 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
             name = f"expert {spec.shard_id.removeprefix('shard-')}.{r}"
             ready = args.run_dir / f"{name.replace(' ', '-')}.ready"
             argv = _python("expert_service", "--model", str(model), "--placement", str(placement),
-                           "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--metrics-port", "0",
+                           "--shard-id", spec.shard_id, "--host", args.host, "--port", "0", "--data-port", "0",
+                           "--metrics-port", "0",
                            "--ready-file", str(ready),
                            "--dtype", args.dtype, "--device", args.device, "--threads", str(threads),
                            "--drain-grace-s", "0.5", *args.expert_arg)
@@ -110,8 +113,25 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
 SHARED_CORES_ENV = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None) -> list[Service]:
+def router_threads(args, shards: int) -> int:
+    """Torch threads per router: the flag; else, beside `shards` expert services holding slices of every
+    layer, a fair share of the cores (at least one); else 0 (all cores).
+
+    Router and shards then compute at the same moments on the same cores, and with passive OpenMP waiting
+    (SHARED_CORES_ENV) every parallel op of a multi-threaded process also pays a futex wake-up for its
+    sleeping workers. On 2 cores, cluster-2 with a one-thread router made 29.5 against 26.8 output tok/s
+    at concurrency 1 and 211 against 191 at 32 (bench/RESULTS.md, "Expert data plane"). Shards holding
+    whole layers take turns with the router, which then keeps every core.
+    """
+    if args.router_threads or not shards or args.split == "layers":
+        return args.router_threads
+    return max(1, (os.cpu_count() or 1) // (shards + 1))
+
+
+def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None, shards: int = 0
+                  ) -> list[Service]:
     services = []
+    threads = router_threads(args, shards)
     for i in range(args.routers):
         ready = args.run_dir / f"router-{i}.ready"
         experts = ["--placement", str(placement)] if placement else ["--experts", "local"]
@@ -119,7 +139,7 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--port", "0", "--metrics-port", "0",
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
-                       "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
+                       "--threads", str(threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
                        *args.router_arg)
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i}),
                                     SHARED_CORES_ENV if placement else None))
@@ -176,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        placement = None
+        placement, specs = None, []
         if args.shards or args.placement:
             specs = plan_shards(args, model)
             placement = args.run_dir / "placement.json"
@@ -186,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             for spec in specs:
                 spec.replicas = [f"{args.host}:{s.port}" for s in experts if s.info["shard"] == spec.shard_id]
             write_placement(placement, specs)
-        routers = start_routers(group, args, model, placement)
+        routers = start_routers(group, args, model, placement, len(specs))
         group.wait_ready(routers, args.ready_timeout_s)
         gateway = start_gateway(group, args, model, routers)
         group.wait_ready([gateway], args.ready_timeout_s)

@@ -112,6 +112,7 @@ async def probe(replica: Replica, shard: Shard, revision: str, timeout: float = 
         raise ConfigError(f"replica {replica.address} of {shard.shard_id} holds other experts than the "
                           f"shard's other replicas")
     shard.pairs = pairs
+    replica.data_port = info.data_port
     replica.mark_live()
     return True
 

@@ -1,9 +1,12 @@
 """The distributed expert backend: one message per shard per layer step, to every shard at once.
 
-The engine thread calls `forward`; the calls themselves run on the router's asyncio loop (where the
-gRPC channels live), all shards concurrently. A shard call goes to the live replica with the fewest
-calls in flight; on UNAVAILABLE or DEADLINE_EXCEEDED the replica is marked down and the call is
-retried once on another replica (`discovery.monitor` probes it back).
+The engine thread calls `forward` (or `submit`, then `result`). A shard call goes to the live replica
+with the fewest calls in flight. Where that replica offers a data plane (ShardInfo.data_port), the
+engine thread writes the message on the replica's socket itself and reads the reply (data_link.py);
+otherwise the call runs as a gRPC ForwardStream message on the router's asyncio loop, where the
+channels live. Either way all shards are sent to before any reply is awaited. On UNAVAILABLE or
+DEADLINE_EXCEEDED the replica is marked down and the call is retried once on another replica over
+gRPC (`discovery.monitor` probes the replica back).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from moe_core.config import MoeConfig
 from moe_core.errors import UnavailableError
 from moe_core.forward import ExpertCall
 from moe_core.pb import expert_pb2
-from moe_core.rpc import StatusError
+from moe_core.rpc import StatusError, Tls
+from router_service.data_link import DataLink, data_address
 from router_service.expert_backend import ExpertBackend
 from router_service.metrics import DispatchMetrics
 from router_service.replica import Replica, ReplicaError
@@ -43,17 +47,70 @@ class DispatchStats:
     rows_sent: dict[str, torch.Tensor] = field(default_factory=dict)  # shard -> [layers, experts] rows
 
 
+class _Flight:
+    """One shard's message on a replica's data plane, sent and not yet answered."""
+
+    __slots__ = ("backend", "link", "replica", "request", "rows", "shard", "started")
+
+    def __init__(self, backend: GrpcExperts, shard: Shard, replica: Replica, request: expert_pb2.ExpertRequest,
+                 rows: int):
+        self.backend, self.shard, self.replica, self.request, self.rows = backend, shard, replica, request, rows
+        self.link = backend._link(replica)
+        self.started = time.perf_counter()
+        replica.link_outstanding += 1
+        try:
+            self.link.send(request)
+        except ReplicaError:
+            self.link = None  # failed already; result() retries it
+
+    def result(self) -> expert_pb2.ExpertResponse:
+        backend, replica = self.backend, self.replica
+        try:
+            if self.link is None:
+                raise ReplicaError(grpc.StatusCode.UNAVAILABLE, f"data plane of {replica.address} refused the step")
+            response = self.link.receive(self.request.step_id)
+        except ReplicaError as exc:
+            backend._error(self.shard, replica, exc.code)
+            replica.mark_down(str(exc))
+            backend.stats.retries += 1
+            log.warning("expert shard %s: %s, retrying the step elsewhere", self.shard.shard_id, exc)
+            retry = backend._call(self.shard, self.request, self.rows, tried={replica})
+            return asyncio.run_coroutine_threadsafe(retry, backend.loop).result()
+        finally:
+            replica.link_outstanding -= 1
+        try:
+            response = replica.checked(response)
+        except StatusError as exc:
+            backend._error(self.shard, replica, exc.code)
+            raise
+        backend._observe(self.shard, replica, self.rows, time.perf_counter() - self.started)
+        return response
+
+
 class _Pending:
     """A layer step in flight; result() waits for every shard and adds their partial sums."""
 
-    __slots__ = ("backend", "future", "layer", "parts", "started", "x")
+    __slots__ = ("backend", "flights", "future", "layer", "parts", "started", "x")
 
-    def __init__(self, backend: GrpcExperts, layer: int, x: torch.Tensor, parts: list[Part], future, started: float):
+    def __init__(self, backend: GrpcExperts, layer: int, x: torch.Tensor, parts: list[Part], flights: list,
+                 future, started: float):
         self.backend, self.layer, self.x, self.parts = backend, layer, x, parts
-        self.future, self.started = future, started
+        self.flights, self.future, self.started = flights, future, started
 
     def result(self) -> torch.Tensor:
-        responses = self.future.result()
+        # Every flight is read even when another part failed, so no reply is left behind on a link.
+        responses, failure = [], None
+        try:
+            by_grpc = iter(self.future.result() if self.future else ())
+        except Exception as exc:  # re-raised below, after the data plane's replies
+            by_grpc, failure = iter(()), exc
+        for flight in self.flights:
+            try:
+                responses.append(next(by_grpc, None) if flight is None else flight.result())
+            except Exception as exc:  # re-raised below, after the other shards' replies
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         x = self.x
         if len(self.parts) == 1 and len(self.parts[0].rows) == x.shape[0]:  # one shard had every row, in order
             out = codec.decode(responses[0].output, "output").to(x.device, x.dtype)
@@ -70,9 +127,10 @@ class GrpcExperts(ExpertBackend):
     overlaps = True
 
     def __init__(self, cfg: MoeConfig, shard_map: ShardMap, revision: str, loop: asyncio.AbstractEventLoop,
-                 rpc_timeout_s: float = 30.0, metrics: DispatchMetrics | None = None):
+                 rpc_timeout_s: float = 30.0, metrics: DispatchMetrics | None = None, data_plane: bool = True,
+                 tls: Tls | None = None):
         self.cfg, self.map, self.revision, self.loop = cfg, shard_map, revision, loop
-        self.timeout, self.metrics = rpc_timeout_s, metrics
+        self.timeout, self.metrics, self.data_plane, self.tls = rpc_timeout_s, metrics, data_plane, tls
         self.stats = DispatchStats(rows_sent={s.shard_id: torch.zeros(cfg.num_hidden_layers, cfg.num_experts,
                                                                       dtype=torch.int64) for s in shard_map.shards})
         self._steps = itertools.count()
@@ -87,8 +145,28 @@ class GrpcExperts(ExpertBackend):
         started = time.perf_counter()
         parts = self.map.split(call.layer, call.ids, call.weights)
         requests = [self._request(call.layer, call.x, part, call.request_ids) for part in parts]
-        future = asyncio.run_coroutine_threadsafe(self._gather(parts, requests), self.loop)
-        return _Pending(self, call.layer, call.x, parts, future, started)
+        flights, by_grpc = [], []
+        for part, request in zip(parts, requests, strict=True):
+            replica = part.shard.pick(exclude=set()) if self.data_plane else None
+            if replica is not None and replica.data_port:
+                flights.append(_Flight(self, part.shard, replica, request, len(part.rows)))
+            else:
+                flights.append(None)
+                by_grpc.append((part, request))
+        future = None
+        if by_grpc:
+            future = asyncio.run_coroutine_threadsafe(self._gather(*zip(*by_grpc, strict=True)), self.loop)
+        return _Pending(self, call.layer, call.x, parts, flights, future, started)
+
+    def _link(self, replica: Replica) -> DataLink:
+        """The replica's data link, new when it has none, its last one failed, or its port changed (restart)."""
+        link = replica.link
+        if link is None or link.broken or link.port != replica.data_port:
+            if link is not None:
+                link.close()
+            host, port = data_address(replica.address, replica.data_port)
+            link = replica.link = DataLink(host, port, self.timeout, self.tls)
+        return link
 
     def _request(self, layer: int, x: torch.Tensor, part: Part, request_ids: list[str] = ()
                  ) -> expert_pb2.ExpertRequest:
@@ -115,10 +193,12 @@ class GrpcExperts(ExpertBackend):
         calls = (self._call(p.shard, r, len(p.rows)) for p, r in zip(parts, requests, strict=True))
         return await asyncio.gather(*calls)
 
-    async def _call(self, shard: Shard, request: expert_pb2.ExpertRequest, rows: int) -> expert_pb2.ExpertResponse:
-        tried: set[Replica] = set()
+    async def _call(self, shard: Shard, request: expert_pb2.ExpertRequest, rows: int,
+                    tried: set[Replica] | None = None) -> expert_pb2.ExpertResponse:
+        """Over gRPC: the first choice, then one retry on another replica (`tried`: replicas that failed it)."""
+        tried = set(tried or ())
         last = "no replica is live"
-        for _ in range(2):  # the first choice, then one retry on another replica
+        for _ in range(2 - len(tried)):
             replica = shard.pick(exclude=tried)
             if replica is None:
                 break
@@ -137,18 +217,25 @@ class GrpcExperts(ExpertBackend):
             except StatusError as exc:
                 self._error(shard, replica, exc.code)
                 raise
-            if self.metrics:
-                self.metrics.rpc_duration.labels(shard.shard_id, replica.address).observe(time.perf_counter() - started)
-                self.metrics.replica_tokens.labels(shard.shard_id, replica.address).inc(rows)
+            self._observe(shard, replica, rows, time.perf_counter() - started)
             return response
         log.warning("expert shard %s has no live replica (%s)", shard.shard_id, last)
         raise UnavailableError(f"expert shard {shard.shard_id} has no live replica; try again shortly")
+
+    def _observe(self, shard: Shard, replica: Replica, rows: int, seconds: float) -> None:
+        if self.metrics:
+            self.metrics.rpc_duration.labels(shard.shard_id, replica.address).observe(seconds)
+            self.metrics.replica_tokens.labels(shard.shard_id, replica.address).inc(rows)
 
     def _error(self, shard: Shard, replica: Replica, code: grpc.StatusCode) -> None:
         if self.metrics:
             self.metrics.rpc_errors.labels(shard.shard_id, replica.address, code.name).inc()
 
     async def aclose(self) -> None:
+        for shard in self.map.shards:
+            for replica in shard.replicas:
+                if replica.link is not None:
+                    replica.link.close()
         await asyncio.gather(*(r.close() for s in self.map.shards for r in s.replicas))
 
 

@@ -86,6 +86,9 @@ class Replica:
         self.last_pick = 0  # the shard's pick counter when this replica was last chosen
         self.last_error = ""
         self._stream: _Stream | None = None
+        self.data_port = 0  # the replica's data plane (ShardInfo.data_port), 0: none
+        self.link = None  # its DataLink, made and used by the engine thread (grpc_experts.py)
+        self.link_outstanding = 0  # data-plane calls in flight (counted by the engine thread alone)
 
     def _connect(self) -> None:
         if self._channel is None:
@@ -115,10 +118,18 @@ class Replica:
             response = await self._stream.exchange(request, timeout)
         finally:
             self.outstanding -= 1
+        return self.checked(response)
+
+    def checked(self, response: expert_pb2.ExpertResponse) -> expert_pb2.ExpertResponse:
+        """A stream reply, or the StatusError it carries."""
         if response.HasField("error"):
             code = _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
             raise StatusError(code, f"{self.shard_id}@{self.address}: {response.error.message}")
         return response
+
+    @property
+    def load(self) -> int:
+        return self.outstanding + self.link_outstanding
 
     async def describe(self, timeout: float) -> expert_pb2.ShardInfo:
         try:
@@ -141,6 +152,8 @@ class Replica:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        if self.link is not None:
+            self.link.abort()
 
     def mark_live(self) -> None:
         if not self.live:
@@ -150,6 +163,8 @@ class Replica:
     async def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+        if self.link is not None:
+            self.link.abort()
         if self._channel is not None:
             await self._channel.close()
 

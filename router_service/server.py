@@ -106,7 +106,8 @@ async def build_router(settings: RouterSettings) -> Router:
                                                  settings.connect_timeout_s, expert_tls(settings))
         registry.register(ShardHealth(shard_map))
         experts = grpc_experts = GrpcExperts(model.cfg, shard_map, revision, asyncio.get_running_loop(),
-                                             settings.rpc_timeout_s, DispatchMetrics(registry))
+                                             settings.rpc_timeout_s, DispatchMetrics(registry),
+                                             data_plane=settings.expert_transport == "auto", tls=expert_tls(settings))
     cache = cache_config(settings)
     if cache.enabled:
         experts = CachedExperts(experts, cache, revision, registry)

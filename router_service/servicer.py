@@ -90,7 +90,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         status = router_pb2.ClusterStatus(running=engine.num_running, waiting=engine.num_waiting,
                                           ready=not self.draining, reason="draining" if self.draining else "")
         for shard in self.shard_map.shards if self.shard_map else []:
-            replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.outstanding,
+            replicas = [router_pb2.ReplicaStatus(address=r.address, live=r.live, outstanding=r.load,
                                                  last_error=r.last_error) for r in shard.replicas]
             status.shards.append(router_pb2.ShardStatus(shard_id=shard.shard_id, replicas=replicas))
         stats = self.router.grpc_experts.stats if self.router.grpc_experts else None

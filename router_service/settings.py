@@ -39,6 +39,9 @@ class RouterSettings:
                                    "RESOURCE_EXHAUSTED (HTTP 429) instead of unbounded latency")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests may run before they end "
                                            "with an error")
+    expert_transport: str = setting("auto", "hot path to the experts: auto (each replica's data plane where it offers "
+                                            "one, gRPC otherwise) or grpc (ForwardStream only)",
+                                    choices=["auto", "grpc"])
     rpc_timeout_s: float = setting(30.0, "deadline of one call to an expert shard")
     health_interval_s: float = setting(1.0, "how often replicas are health-checked (and down ones probed)")
     connect_timeout_s: float = setting(120.0, "how long to wait at start for every shard to answer")

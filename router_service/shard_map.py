@@ -32,7 +32,7 @@ class Shard:
         live = [r for r in self.replicas if r.live and r not in exclude]
         if not live:
             return None
-        chosen = min(live, key=lambda r: (r.outstanding, r.last_pick))
+        chosen = min(live, key=lambda r: (r.load, r.last_pick))
         self.picks += 1
         chosen.last_pick = self.picks
         return chosen

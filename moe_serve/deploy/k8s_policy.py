@@ -82,7 +82,8 @@ def network_policies(gw: Container, rt: Container, ex: Container) -> list[dict[s
             {"from": [{"podSelector": _component("gateway")}], "ports": _tcp(rt.ports["grpc"])},
             {"from": scrapers, "ports": _tcp(rt.ports["metrics"])}]),
         _policy("moe-expert-ingress", "expert", [
-            {"from": [{"podSelector": _component("router")}], "ports": _tcp(ex.ports["grpc"])},
+            {"from": [{"podSelector": _component("router")}],
+             "ports": _tcp(ex.ports["grpc"]) + _tcp(ex.ports["data"])},
             {"from": scrapers, "ports": _tcp(ex.ports["metrics"])}]),
         _policy("moe-redis-ingress", "redis", [
             {"from": [{"podSelector": _component("router")}], "ports": _tcp(6379)}]),

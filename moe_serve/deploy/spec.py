@@ -27,7 +27,7 @@ DEFAULT_MODEL_NAME = "demo-v1"
 DEFAULT_PLACEMENT: dict[str, Any] = {"shards": [{"id": "shard-0", "experts": "0-3"},
                                                 {"id": "shard-1", "experts": "4-7"}]}
 PORTS = {"gateway": {"http": 8000}, "router": {"grpc": 50050, "metrics": 9400},
-         "expert": {"grpc": 50051, "metrics": 9401}}
+         "expert": {"grpc": 50051, "data": 50052, "metrics": 9401}}
 GRPC_SERVICES = {"router": "moe.v1.RouterService", "expert": "moe.v1.ExpertService"}
 # How long each service takes to stop after SIGTERM: the gateway drains in-flight requests
 # (MOE_DRAIN_TIMEOUT_S); router and expert services stop their gRPC server with a 5 s grace.
@@ -163,7 +163,8 @@ def router(knob: Knob) -> Container:
 def expert(shard: Shard, knob: Knob, device: str = "cpu") -> Container:
     env = {"MOE_MODEL": MODEL_DIR, "MOE_MODEL_ID": knob("MOE_MODEL_NAME", DEFAULT_MODEL_NAME),
            "MOE_HOST": "0.0.0.0", "MOE_PORT": str(PORTS["expert"]["grpc"]),
-           "MOE_METRICS_PORT": str(PORTS["expert"]["metrics"]), "MOE_DTYPE": knob("MOE_DTYPE", "auto"),
+           "MOE_DATA_PORT": str(PORTS["expert"]["data"]), "MOE_METRICS_PORT": str(PORTS["expert"]["metrics"]),
+           "MOE_DTYPE": knob("MOE_DTYPE", "auto"),
            "MOE_DEVICE": device, "MOE_THREADS": knob("MOE_EXPERT_THREADS", 0)}
     return Container("expert", shard.service, ["python", "-m", "expert_service"],
                      ["--placement", PLACEMENT_FILE, "--shard-id", shard.shard_id], env, dict(PORTS["expert"]),

@@ -61,8 +61,8 @@ class Cluster:
             raise RuntimeError("write the placement first (Cluster.placement)")
         return self._start(f"expert {spec.shard_id}.{replica}", "expert", "expert_service",
                            ["--model", str(model), "--placement", str(placement), "--shard-id", spec.shard_id,
-                            "--port", str(port), "--metrics-port", "0", "--dtype", "float32", "--device", "cpu",
-                            "--threads", str(threads), "--drain-grace-s", "0.2", *(extra or [])],
+                            "--port", str(port), "--data-port", "0", "--metrics-port", "0", "--dtype", "float32",
+                            "--device", "cpu", "--threads", str(threads), "--drain-grace-s", "0.2", *(extra or [])],
                            shard=spec.shard_id, replica=replica)
 
     def placement(self, specs: list[ShardSpec]) -> Path:

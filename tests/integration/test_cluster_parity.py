@@ -28,8 +28,9 @@ def schedule(prompts):
     return joins
 
 
-@pytest.mark.parametrize("family", list(FAMILY_DEFAULT))
-def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
+# Every family over the data plane (the default hot path), one over gRPC streams alone.
+@pytest.mark.parametrize("family,data_plane", [(f, True) for f in FAMILY_DEFAULT] + [("mixtral", False)])
+def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane):
     path = tiny_checkpoint(FAMILY_DEFAULT[family])
     cfg = load_config(path)
     specs = even_split(cfg, 2)
@@ -41,7 +42,7 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
     try:
         addresses = {sid: [f"127.0.0.1:{r.port}" for r in rs] for sid, rs in replicas.items()}
         shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
-        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop, data_plane=data_plane)
         model = load_dense_model(path)
         counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
         config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)  # the cluster runs micro-batches
@@ -72,6 +73,13 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family):
             received += on_shard
         assert torch.equal(received, counting.decisions)
         assert int(counting.decisions.sum()) > 0
+        # The path the rows took: every replica's data link carried steps, or none was ever made.
+        links = [r.link for s in shard_map.shards for r in s.replicas]
+        if data_plane:
+            assert all(link is not None and not link.broken for link in links), links
+        else:
+            assert links == [None] * len(links)
+        assert remote.stats.retries == 0
         loop.run(remote.aclose())
     finally:
         loop.stop()

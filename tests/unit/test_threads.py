@@ -58,6 +58,21 @@ def test_cluster_services_wait_passively_and_a_lone_router_keeps_the_default(tmp
     assert started == [("router 0", None), ("router 0", {"OMP_WAIT_POLICY": "PASSIVE"})]
 
 
+def test_a_router_beside_expert_slices_takes_its_share_of_the_cores(monkeypatch):
+    from types import SimpleNamespace
+
+    from moe_serve import up
+
+    monkeypatch.setattr(up.os, "cpu_count", lambda: 2)
+    args = SimpleNamespace(router_threads=0, split="experts")
+    assert up.router_threads(args, shards=0) == 0  # alone: every core
+    assert up.router_threads(args, shards=2) == 1
+    monkeypatch.setattr(up.os, "cpu_count", lambda: 64)
+    assert up.router_threads(args, shards=2) == 21
+    assert up.router_threads(SimpleNamespace(router_threads=0, split="layers"), shards=2) == 0  # takes turns
+    assert up.router_threads(SimpleNamespace(router_threads=3, split="experts"), shards=2) == 3  # the flag wins
+
+
 def test_a_wait_policy_the_user_set_wins(monkeypatch):
     import importlib
 

@@ -1,0 +1,75 @@
+"""An expert service's data plane answers exactly what its gRPC Forward answers, and survives bad input."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+
+from moe_core import frames
+from moe_core.pb import expert_pb2, expert_pb2_grpc
+from moe_core.placement import ShardSpec
+from router_service.data_link import DataLink
+from tests.integration.test_expert_service import NAME, request
+
+
+@pytest.fixture
+def served(tiny_checkpoint, cluster):
+    path = tiny_checkpoint(NAME)
+    spec = ShardSpec("shard-0", [(1, 0), (1, 1), (2, 1)])
+    cluster.placement([spec])
+    service = cluster.expert(path, spec, 0)
+    cluster.wait(service)
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    stub = expert_pb2_grpc.ExpertServiceStub(channel)
+    port = stub.Describe(expert_pb2.DescribeRequest()).data_port
+    yield path, stub, port
+    channel.close()
+
+
+def test_the_data_plane_answers_what_grpc_answers(served):
+    path, stub, port = served
+    assert port > 0, "Describe must advertise the data plane"
+    link = DataLink("127.0.0.1", port, timeout_s=30)
+    for step, rows in enumerate((1, 5, 64)):
+        message, _ = request(path, rows=rows)
+        message.step_id = step
+        link.send(message)
+        by_link = link.receive(step)
+        by_grpc = stub.Forward(message)
+        assert by_link.step_id == step and not by_link.HasField("error")
+        assert by_link.output == by_grpc.output  # the same bytes
+    link.close()
+
+
+def test_a_refused_message_gets_its_status_and_the_link_stays_open(served):
+    path, stub, port = served
+    link = DataLink("127.0.0.1", port, timeout_s=30)
+    bad, _ = request(path, revision="0000")
+    bad.step_id = 11
+    link.send(bad)
+    refused = link.receive(11)
+    assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "model revision mismatch" in refused.error.message
+    good, _ = request(path)
+    good.step_id = 12
+    link.send(good)
+    assert link.receive(12).output == stub.Forward(good).output
+    link.close()
+
+
+def test_garbage_gets_an_error_or_a_closed_connection_and_the_service_keeps_serving(served):
+    path, stub, port = served
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(frames.pack(b"\xff\xff\xff not a protobuf"))
+        answer = expert_pb2.ExpertResponse.FromString(frames.read_frame(sock))
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        sock.sendall(frames.HEADER.pack(2**32 - 1))  # a length past the limit: the framing is lost
+        with pytest.raises(frames.FrameError, match="closed"):
+            frames.read_frame(sock)
+    link = DataLink("127.0.0.1", port, timeout_s=30)
+    message, _ = request(path)
+    link.send(message)
+    assert link.receive(message.step_id).output == stub.Forward(message).output
+    link.close()
