@@ -35,6 +35,7 @@ class DataLink:
         self._sock: socket.socket | None = None
         self._early: dict[int, expert_pb2.ExpertResponse] = {}
         self.broken = False
+        self.unreachable = False  # the first connect failed: the advertised port may not be routable from here
 
     def send(self, request: expert_pb2.ExpertRequest) -> None:
         payload = frames.pack(request.SerializeToString())
@@ -42,7 +43,11 @@ class DataLink:
             if self.broken:
                 raise OSError("link closed")
             if self._sock is None:
-                self._sock = self._connect()
+                try:
+                    self._sock = self._connect()
+                except OSError:
+                    self.unreachable = True
+                    raise
             self._sock.sendall(payload)
         except OSError as exc:
             raise self._fail(grpc.StatusCode.UNAVAILABLE, f"data plane {self.host}:{self.port}: {exc}") from None

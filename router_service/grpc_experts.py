@@ -50,21 +50,30 @@ class DispatchStats:
 class _Flight:
     """One shard's message on a replica's data plane, sent and not yet answered."""
 
-    __slots__ = ("backend", "link", "replica", "request", "rows", "shard", "started")
+    __slots__ = ("backend", "fallback", "link", "replica", "request", "rows", "shard", "started")
 
     def __init__(self, backend: GrpcExperts, shard: Shard, replica: Replica, request: expert_pb2.ExpertRequest,
                  rows: int):
         self.backend, self.shard, self.replica, self.request, self.rows = backend, shard, replica, request, rows
         self.link = backend._link(replica)
         self.started = time.perf_counter()
+        self.fallback = False
         replica.link_outstanding += 1
         try:
             self.link.send(request)
-        except ReplicaError:
-            self.link = None  # failed already; result() retries it
+        except ReplicaError as exc:
+            if self.link.unreachable:  # e.g. behind NAT: this replica's steps go over gRPC from now on
+                log.warning("data plane of %s unreachable (%s): using gRPC for it", replica.address, exc)
+                replica.data_port = 0
+                self.fallback = True
+            self.link = None  # failed already; result() sends the step elsewhere
 
     def result(self) -> expert_pb2.ExpertResponse:
         backend, replica = self.backend, self.replica
+        if self.fallback:
+            replica.link_outstanding -= 1
+            return asyncio.run_coroutine_threadsafe(backend._call(self.shard, self.request, self.rows),
+                                                    backend.loop).result()
         try:
             if self.link is None:
                 raise ReplicaError(grpc.StatusCode.UNAVAILABLE, f"data plane of {replica.address} refused the step")

@@ -6,11 +6,17 @@ import socket
 
 import grpc
 import pytest
+import torch
 
 from moe_core import frames
+from moe_core.config import load_config
 from moe_core.pb import expert_pb2, expert_pb2_grpc
-from moe_core.placement import ShardSpec
+from moe_core.placement import ShardSpec, even_split
+from moe_core.revision import model_revision
 from router_service.data_link import DataLink
+from router_service.discovery import discover
+from router_service.grpc_experts import GrpcExperts
+from tests.engine_helpers import LoopThread
 from tests.integration.test_expert_service import NAME, request
 
 
@@ -73,3 +79,34 @@ def test_garbage_gets_an_error_or_a_closed_connection_and_the_service_keeps_serv
     link.send(message)
     assert link.receive(message.step_id).output == stub.Forward(message).output
     link.close()
+
+
+def test_a_router_that_cannot_reach_the_data_plane_uses_grpc_and_keeps_the_replica(tiny_checkpoint, cluster):
+    path = tiny_checkpoint(NAME)
+    cfg = load_config(path)
+    specs = even_split(cfg, 1)
+    cluster.placement(specs)
+    service = cluster.expert(path, specs[0], 0)
+    cluster.wait(service)
+    loop = LoopThread()
+    try:
+        shard_map, _ = loop.run(discover(cfg, {specs[0].shard_id: [f"127.0.0.1:{service.port}"]},
+                                         model_revision(path), 60))
+        (replica,) = shard_map.shards[0].replicas
+        assert replica.data_port > 0
+        experts = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+        ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [0, 2], [1, 3]])
+        weights = torch.rand(6, 2, generator=torch.Generator().manual_seed(4))
+        direct = experts.forward(1, x, weights, ids)
+        assert replica.link is not None and not replica.link.broken  # that step took the data plane
+        with socket.socket() as closed:  # bound, never listening: what a port behind NAT looks like
+            closed.bind(("127.0.0.1", 0))
+            replica.data_port = closed.getsockname()[1]
+            fallen_back = experts.forward(1, x, weights, ids)
+        assert torch.equal(fallen_back, direct)
+        assert replica.live and replica.data_port == 0 and experts.stats.retries == 0
+        assert torch.equal(experts.forward(1, x, weights, ids), direct)  # and from then on over gRPC
+        loop.run(experts.aclose())
+    finally:
+        loop.stop()

@@ -218,7 +218,9 @@ def compose_procs(tmp: Path, model: Path) -> tuple[list[Proc], Rewriter]:
             else:
                 mounts[volume["target"]] = str(source)
         health_port = next(int(a.rsplit(":", 1)[1].split("/")[0]) for a in test if re.search(r"127\.0\.0\.1:\d+", a))
-        metrics = [(p, "/metrics") for p in exposed if p != health_port or name == "gateway"]
+        metrics_port = s.get("environment", {}).get("MOE_METRICS_PORT")
+        metrics = [(p, "/metrics") for p in exposed if (p != health_port and str(p) == metrics_port)
+                   or name == "gateway"]
         procs.append(Proc(name, list(s["command"]), {k: str(v) for k, v in s.get("environment", {}).items()},
                           ports, mounts, [Probe("exec", argv=list(test[1:]))], metrics))
     addresses = {(p.name, port): local for p in procs for port, local in p.ports.items()}
