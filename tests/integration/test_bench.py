@@ -43,3 +43,15 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(("| local |", "| cluster-2 |"))]
     assert len(rows) == 2 * 2 + 2  # one per (config, concurrency), one RSS row per config
     assert "- cluster-2 / local output tok/s: c=1: " in table and "c=3: " in table
+
+
+def test_dispatch_bench_measures_both_transports(demo_model, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.dispatch", "--model", str(demo_model), "--dtype", "float32", "--rows", "1", "4",
+         "--steps", "20", "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["rows"], r["transport"]) for r in lines] == [(1, "data plane"), (1, "grpc"), (4, "data plane"),
+                                                             (4, "grpc")]
+    for r in lines:
+        assert r["dispatch_ms"] > r["shard_compute_ms"] > 0 and r["overhead_ms"] > 0, r
