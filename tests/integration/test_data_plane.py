@@ -10,8 +10,8 @@ import torch
 
 from moe_core import frames
 from moe_core.config import load_config
-from moe_core.pb import expert_pb2, expert_pb2_grpc
-from moe_core.placement import ShardSpec, even_split
+from moe_core.pb import expert_pb2
+from moe_core.placement import even_split
 from moe_core.revision import model_revision
 from router_service.data_link import DataLink
 from router_service.discovery import discover
@@ -21,17 +21,9 @@ from tests.integration.test_expert_service import NAME, request
 
 
 @pytest.fixture
-def served(tiny_checkpoint, cluster):
-    path = tiny_checkpoint(NAME)
-    spec = ShardSpec("shard-0", [(1, 0), (1, 1), (2, 1)])
-    cluster.placement([spec])
-    service = cluster.expert(path, spec, 0)
-    cluster.wait(service)
-    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
-    stub = expert_pb2_grpc.ExpertServiceStub(channel)
-    port = stub.Describe(expert_pb2.DescribeRequest()).data_port
-    yield path, stub, port
-    channel.close()
+def served(shard):
+    path, stub, _ = shard
+    return path, stub, stub.Describe(expert_pb2.DescribeRequest()).data_port
 
 
 def test_the_data_plane_answers_what_grpc_answers(served):

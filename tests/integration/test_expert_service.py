@@ -13,23 +13,11 @@ from moe_core import codec
 from moe_core.config import load_config
 from moe_core.experts import expert_forward
 from moe_core.loader import load_expert_shard
-from moe_core.pb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
-from moe_core.placement import ShardSpec
+from moe_core.pb import expert_pb2, router_pb2, router_pb2_grpc
 from moe_core.revision import model_revision
+from tests.integration.conftest import SHARD_MODEL
 
-NAME = "mixtral-gqa2-top2"
-
-
-@pytest.fixture
-def shard(tiny_checkpoint, cluster):
-    path = tiny_checkpoint(NAME)
-    spec = ShardSpec("shard-0", [(1, 0), (1, 1), (2, 1)])
-    cluster.placement([spec])
-    service = cluster.expert(path, spec, 0)
-    cluster.wait(service)
-    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
-    yield path, expert_pb2_grpc.ExpertServiceStub(channel), channel
-    channel.close()
+NAME = SHARD_MODEL
 
 
 def request(path, layer=1, rows=5, ids=None, revision=None, **override):

@@ -14,6 +14,9 @@ from cryptography.x509.oid import NameOID
 
 from moe_core.pb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from moe_core.placement import ShardSpec
+from moe_core.rpc import Tls
+from router_service.data_link import DataLink
+from router_service.replica import ReplicaError
 from tests.integration.services import Cluster
 
 
@@ -88,6 +91,21 @@ def test_only_a_certified_router_reaches_the_experts(tiny_checkpoint, tmp_path, 
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError), grpc.insecure_channel(f"127.0.0.1:{expert.port}") as plain:
             expert_pb2_grpc.ExpertServiceStub(plain).Describe(expert_pb2.DescribeRequest(), timeout=10)
+
+        # The data plane takes the same certificates: a certified router's link works, outsiders' fail.
+        data_port = _describe(expert.port, creds(pki["client"])).data_port
+        certified = Tls(cert=pki["client"][0], key=pki["client"][1], ca=pki["ca"], server_name="experts.moe.test")
+        link = DataLink("127.0.0.1", data_port, 10, certified)
+        link.send(expert_pb2.ExpertRequest(step_id=1, model_revision="0000"))
+        assert link.receive(1).error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]  # answered, over TLS
+        link.close()
+        rogue = Tls(cert=pki["rogue"][0], key=pki["rogue"][1], ca=pki["ca"], server_name="experts.moe.test")
+        for outsider in (None, Tls(ca=pki["ca"], server_name="experts.moe.test"), rogue):
+            link = DataLink("127.0.0.1", data_port, 10, outsider)
+            with pytest.raises(ReplicaError):
+                link.send(expert_pb2.ExpertRequest(step_id=2, model_revision="0000"))
+                link.receive(2)
+            link.close()
 
         router = cluster.router(path, {"shard-0": [expert]}, "--expert-tls-ca", pki["ca"], "--expert-tls-cert",
                                 pki["client"][0], "--expert-tls-key", pki["client"][1], "--expert-tls-server-name",
