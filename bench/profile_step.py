@@ -1,6 +1,7 @@
 """Time one-process engine steps on a bench preset and show where a decode step spends its time.
 
     python -m bench.profile_step --preset bench-s --batch 32 --prompt-len 256 [--dtype bfloat16] [--profile]
+    python -m bench.profile_step --batch 32 --min-prompt-len 32 --prompt-len 512   # mixed context lengths
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     p.add_argument("--preset", default="bench-s")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--min-prompt-len", type=int, default=None,
+                   help="draw each prompt's length from [this, --prompt-len] (default: all --prompt-len)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled")
@@ -38,8 +41,10 @@ def main() -> None:
     engine = Engine(model, LocalExperts(load_experts(ckpt, model.cfg, None, dtype)), None,
                     EngineConfig(kv_cache_bytes=2 << 30, max_num_seqs=max(64, args.batch)))
     g = torch.Generator().manual_seed(0)
+    low = args.prompt_len if args.min_prompt_len is None else args.min_prompt_len
     for _ in range(args.batch):
-        engine.add_request(torch.randint(5, model.cfg.vocab_size, (args.prompt_len,), generator=g).tolist(),
+        length = int(torch.randint(low, args.prompt_len + 1, (1,), generator=g))
+        engine.add_request(torch.randint(5, model.cfg.vocab_size, (length,), generator=g).tolist(),
                            SamplingParams(max_tokens=args.steps + 10, temperature=args.temperature, ignore_eos=True))
     started, prefill_tokens = time.perf_counter(), 0
     while not engine.scheduler.running or engine.last_step_tokens != args.batch:

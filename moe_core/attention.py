@@ -2,9 +2,10 @@
 
 The cache of one layer is a flat pool of token slots `[blocks * block_size, kv_heads, D]`; a
 sequence owns a list of blocks (its block table). Decode rows (one new token per sequence) run as
-one batched call, or one call per sequence (`decode_attention_each`); prefill chunks run one
-sequence at a time, each attending to its cached prefix plus its own causal part, in one call or in
-blocks aligned to position 0. Grouped-query attention uses SDPA's `enable_gqa` instead of repeating KV.
+batched calls over groups of similar context length (`decode_groups`), or one call per sequence
+(`decode_attention_each`); prefill chunks run one sequence at a time, each attending to its cached
+prefix plus its own causal part, in one call or in blocks aligned to position 0. Grouped-query
+attention uses SDPA's `enable_gqa` instead of repeating KV.
 
 The invariant forms exist so that a row's output bits never depend on the rest of the step or on
 where a prompt was cut into chunks, which the expert-output cache needs to hit on repeated requests.
@@ -13,6 +14,8 @@ the cache is on for): the batched decode call is faster (bench/RESULTS.md, "Expe
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +40,88 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, block_size: i
     return rows.index_select(0, block_tables.reshape(-1)).view(b, nb * block_size, cache.shape[1], cache.shape[2])
 
 
-def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, block_size: int, scale: float,
-                     window: int | None = None) -> torch.Tensor:
-    """q [B, heads, D] (the token at position context_len - 1 of each sequence) -> [B, heads, D]."""
-    k = gather_blocks(cache_k, block_tables, block_size).transpose(1, 2)  # [B, kv_heads, L, D]
-    v = gather_blocks(cache_v, block_tables, block_size).transpose(1, 2)
-    key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
-    allowed = key_pos < context_lens[:, None]  # [B, L]
-    if window is not None:
-        allowed &= key_pos > context_lens[:, None] - 1 - window
+# What one more batched decode call costs, in bytes of padded keys and values it would otherwise read:
+# about 60 µs of launch and gather overhead against ~0.2 µs per padded key row of bench-s in float32
+# (1 KiB of K+V) on a 2-core EPYC (bench/RESULTS.md, "Decode attention in length groups").
+GROUP_CALL_BYTES = 256 << 10
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows that run as one SDPA call, their keys padded to the group's longest context."""
+
+    rows: torch.Tensor | None  # indices into the step's decode rows; None: all of them, in order
+    tables: torch.Tensor  # [n, keys // block_size] block ids
+    lengths: torch.Tensor  # [n] context lengths, the new token included
+    keys: int  # key positions the call reads (the longest context, rounded up to whole blocks)
+    allowed: torch.Tensor | None  # [n, keys] key positions inside each context; None: all of them
+
+
+def decode_groups(block_tables: torch.Tensor, lengths: list[int], block_size: int, key_row_bytes: int,
+                  call_bytes: int | None = None) -> list[DecodeGroup]:
+    """Split a step's decode rows into groups of similar context length, computed once per step.
+
+    One batched call pads every sequence to the longest context of the step, and decode attention
+    is bound by the bytes of K/V it gathers and reads: with contexts of 40 to 600 tokens, half of them
+    are padding. Sorting by length and cutting where the padding saved outweighs one more call
+    (`call_bytes`, GROUP_CALL_BYTES by default) reads only what is needed; an exact dynamic program over
+    the sorted lengths.
+    """
+    blocks = [-(-n // block_size) for n in lengths]
+    order = sorted(range(len(lengths)), key=blocks.__getitem__)
+    sorted_blocks = [blocks[i] for i in order]
+    call = (GROUP_CALL_BYTES if call_bytes is None else call_bytes) / (key_row_bytes * block_size)  # in blocks
+    best, cut = [0.0], [0]
+    for j in range(1, len(order) + 1):
+        top = sorted_blocks[j - 1]
+        cost, start = min((best[i] + (j - i) * top, i) for i in range(j))
+        best.append(cost + call)
+        cut.append(start)
+    if cut[-1] == 0:  # one group: keep the step's order, nothing to gather or scatter
+        return [_group(block_tables, lengths, None, max(blocks, default=0), block_size)]
+    groups, j = [], len(order)
+    while j:
+        i = cut[j]
+        groups.append(_group(block_tables, lengths, order[i:j], sorted_blocks[j - 1], block_size))
+        j = i
+    return groups
+
+
+def _group(block_tables: torch.Tensor, lengths: list[int], members: list[int] | None, blocks: int,
+           block_size: int) -> DecodeGroup:
+    device = block_tables.device
+    rows = None if members is None else torch.tensor(members, device=device)
+    own = lengths if members is None else [lengths[i] for i in members]
+    lens = torch.tensor(own, device=device)
+    keys = blocks * block_size
+    allowed = None
+    if any(n != keys for n in own):
+        allowed = torch.arange(keys, device=device)[None, :] < lens[:, None]
+    tables = block_tables if rows is None else block_tables.index_select(0, rows)
+    return DecodeGroup(rows, tables[:, :blocks], lens, keys, allowed)
+
+
+def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, groups: list[DecodeGroup],
+                     block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """q [B, heads, D] (the token at position length - 1 of each sequence) -> [B, heads, D]."""
     dtype = decode_dtype(q)
-    out = F.scaled_dot_product_attention(grouped_queries(q, k.shape[1]).to(dtype), k.to(dtype), v.to(dtype),
-                                         attn_mask=allowed[:, None, None, :], scale=scale)
-    return out.reshape(q.shape).to(q.dtype)
+    out = torch.empty_like(q) if len(groups) > 1 else None
+    for group in groups:
+        k = gather_blocks(cache_k, group.tables, block_size).transpose(1, 2)  # [n, kv_heads, keys, D]
+        v = gather_blocks(cache_v, group.tables, block_size).transpose(1, 2)
+        allowed = group.allowed
+        if window is not None:
+            key_pos = torch.arange(group.keys, device=q.device)[None, :]
+            inside = key_pos > group.lengths[:, None] - 1 - window
+            allowed = inside if allowed is None else allowed & inside
+        rows = q if group.rows is None else q.index_select(0, group.rows)
+        o = F.scaled_dot_product_attention(
+            grouped_queries(rows, k.shape[1]).to(dtype), k.to(dtype), v.to(dtype),
+            attn_mask=None if allowed is None else allowed[:, None, None, :], scale=scale)
+        if out is None:
+            return o.reshape(q.shape).to(q.dtype)
+        out.index_copy_(0, group.rows, o.reshape(rows.shape).to(q.dtype))
+    return out
 
 
 def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -15,7 +15,15 @@ from typing import Protocol
 
 import torch
 
-from moe_core.attention import decode_attention, decode_attention_each, prefill_attention, write_kv
+from moe_core.attention import (
+    DecodeGroup,
+    decode_attention,
+    decode_attention_each,
+    decode_dtype,
+    decode_groups,
+    prefill_attention,
+    write_kv,
+)
 from moe_core.model import (
     DenseModel,
     lm_logits,
@@ -48,8 +56,8 @@ class StepBatch:
     slots: torch.Tensor  # [T] where each row's key and value are stored
     num_decode: int = 0  # rows [0, num_decode) are single decode tokens, one per sequence
     block_tables: torch.Tensor | None = None  # [num_decode, blocks]
-    context_lens: torch.Tensor | None = None  # [num_decode], including the new token
-    decode_lengths: list[int] = field(default_factory=list)  # context_lens as ints (per-sequence decode)
+    decode_lengths: list[int] = field(default_factory=list)  # [num_decode] context lengths, the new token included
+    decode_groups: list[DecodeGroup] | None = None  # planned at the step's first layer, shared by all
     # each prefill / decode row's result independent of the rest of the step (for the expert-output cache)
     invariant_prefill: bool = False
     invariant_decode: bool = False
@@ -150,8 +158,10 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
         out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
                                         block_size, scale, window)
     elif d:
-        out[:d] = decode_attention(q[:d], cache_k, cache_v, batch.block_tables, batch.context_lens,
-                                   block_size, scale, window)
+        if batch.decode_groups is None:
+            key_row_bytes = 2 * cache_k.shape[1] * cache_k.shape[2] * decode_dtype(q).itemsize
+            batch.decode_groups = decode_groups(batch.block_tables, batch.decode_lengths, block_size, key_row_bytes)
+        out[:d] = decode_attention(q[:d], cache_k, cache_v, batch.decode_groups, block_size, scale, window)
     for chunk in batch.prefills:
         rows = slice(chunk.row, chunk.row + chunk.length)
         if chunk.start == 0:

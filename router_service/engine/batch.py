@@ -27,7 +27,7 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
         positions.append(pos)
         slots.append(tables.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size)
         batch.num_decode = len(step.decodes)
-        batch.block_tables, batch.context_lens = tables.to(device), (pos + 1).to(device)
+        batch.block_tables = tables.to(device)
         batch.decode_lengths = [s.num_cached + 1 for s in step.decodes]
         sample += step.decodes
         logit_rows += range(len(step.decodes))

@@ -1,4 +1,5 @@
-"""Decode attention one sequence at a time: same values as the batched call, independent of the batch."""
+"""Decode attention in length groups and one sequence at a time: the same values as plain attention over
+each sequence's own keys; per sequence, also the same bits whatever else is in the batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import moe_core.attention as attention
-from moe_core.attention import decode_attention, decode_attention_each, decode_dtype, prefill_attention
+from moe_core.attention import decode_attention, decode_attention_each, decode_dtype, decode_groups, prefill_attention
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -22,13 +23,52 @@ def cache():
             torch.randperm(pool, generator=g)[:5 * 12].view(5, 12), torch.randn(5, HEADS, DIM, generator=g))
 
 
+def batched(q, cache_k, cache_v, tables, lengths, window=None, call_bytes=None):
+    groups = decode_groups(tables, lengths, BLOCK, 2 * KV_HEADS * DIM * 4, call_bytes)
+    return decode_attention(q, cache_k, cache_v, groups, BLOCK, 0.3, window)
+
+
+def reference(q, cache_k, cache_v, tables, lengths, window=None):
+    """Plain attention of each query over its own sequence's keys, in float64."""
+    outs = []
+    for i, length in enumerate(lengths):
+        slots = (tables[i, :, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)[:length]
+        k, v = (c[slots].double().repeat_interleave(HEADS // KV_HEADS, 1) for c in (cache_k, cache_v))
+        scores = torch.einsum("hd,thd->ht", q[i].double(), k) * 0.3
+        if window is not None:
+            scores[:, :max(0, length - window)] = float("-inf")
+        outs.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v))
+    return torch.stack(outs).to(q.dtype)
+
+
 @pytest.mark.parametrize("window", [None, 6])
-def test_matches_the_batched_call(cache, window):
+@pytest.mark.parametrize("call_bytes", [0, 1 << 40])  # a group per length / one group
+def test_grouped_and_per_sequence_decode_match_plain_attention(cache, window, call_bytes):
     cache_k, cache_v, tables, q = cache
     lengths = [1, 7, 48, 20, 33]
-    batched = decode_attention(q, cache_k, cache_v, tables, torch.tensor(lengths), BLOCK, 0.3, window)
+    expected = reference(q, cache_k, cache_v, tables, lengths, window)
+    torch.testing.assert_close(batched(q, cache_k, cache_v, tables, lengths, window, call_bytes), expected,
+                               rtol=1e-5, atol=1e-6)
     each = decode_attention_each(q, cache_k, cache_v, tables, lengths, BLOCK, 0.3, window)
-    torch.testing.assert_close(each, batched, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(each, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_cover_every_row_once_and_pad_to_whole_blocks():
+    tables = torch.arange(6 * 30).view(6, 30)
+    lengths = [3, 118, 5, 120, 2, 9]
+    many = decode_groups(tables, lengths, BLOCK, 1024, 0)
+    rows = torch.cat([g.rows for g in many]).tolist()
+    assert sorted(rows) == list(range(6))
+    for g in many:
+        assert g.keys == BLOCK * g.tables.shape[1] == -(-int(g.lengths.max()) // BLOCK) * BLOCK
+        assert torch.equal(g.tables, tables[g.rows, :g.tables.shape[1]])
+        assert g.lengths.tolist() == [lengths[r] for r in g.rows.tolist()]
+    # short contexts apart from long ones once a call costs less than the padding it saves
+    assert len(decode_groups(tables, lengths, BLOCK, 1024, 32 * 1024)) == 2
+    one = decode_groups(tables, lengths, BLOCK, 1024, 1 << 40)
+    assert len(one) == 1 and one[0].rows is None and one[0].keys == 120
+    assert one[0].allowed.sum(1).tolist() == lengths
+    assert decode_groups(tables[:2], [16, 16], BLOCK, 1024)[0].allowed is None  # nothing to mask
 
 
 def test_a_sequence_gets_the_same_bits_alone_and_in_any_batch(cache):
@@ -68,11 +108,11 @@ def test_bfloat16_decode_matches_float32_and_returns_bfloat16(cache):
     cache_k, cache_v, tables, q = cache
     lengths = [9, 30, 48, 2, 17]
     half = [t.bfloat16() for t in (q, cache_k, cache_v)]
-    for out in (decode_attention(half[0], half[1], half[2], tables, torch.tensor(lengths), BLOCK, 0.3),
+    for out in (batched(half[0], half[1], half[2], tables, lengths),
                 decode_attention_each(half[0], half[1], half[2], tables, lengths, BLOCK, 0.3)):
         assert out.dtype == torch.bfloat16
-        reference = decode_attention(*(t.float() for t in half), tables, torch.tensor(lengths), BLOCK, 0.3)
-        torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+        expected = reference(*(t.float() for t in half), tables, lengths)
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
