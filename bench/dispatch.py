@@ -2,7 +2,7 @@
 
     python -m bench.dispatch --preset bench-s --dtype bfloat16 --rows 1 32 --steps 400
 
-Starts the shards of `moe-serve up --shards 2` (one torch thread each, passive OpenMP waiting) and drives
+Starts the shards of `moe-serve up --shards 2` (one torch thread each, as `up` starts them) and drives
 the router's expert backend from this process's thread, as the engine thread does: the data plane
 (the default hot path) against gRPC ForwardStream messages, side by side. "Overhead" is the wall time
 minus the slowest shard's own compute: framing, the wire, wake-ups, the router's split and combine.

@@ -44,8 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mib", type=int, default=1024, help="each router's KV-cache budget")
     p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (0: the model's)")
     p.add_argument("--router-threads", type=int, default=0,
-                   help="torch threads per router (0: all cores alone, a fair share beside expert services "
-                        "holding slices of every layer)")
+                   help="torch threads per router (0: all cores)")
     p.add_argument("--expert-threads", type=int, default=0,
                    help="torch threads per expert service (0: cores divided among the shards)")
     p.add_argument("--cache", choices=["off", "local", "redis"], default=None,
@@ -105,33 +104,22 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
 
 
 # The services of one `up` share this machine's cores and mostly wait for each other (a router for its
-# shards, a shard for the next layer). OpenMP's default lets idle workers spin for a while after each
-# op, burning the core another service needs: on cluster-2-layers at concurrency 1, time per output
-# token went from 58 ms to 34-38 ms with passive waiting (bench/RESULTS.md). One process alone (the
-# router with local experts) keeps the default, where spinning is what makes back-to-back ops cheap.
-# A value the user set wins.
-SHARED_CORES_ENV = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+# shards, a shard for the router). OpenMP's default lets an idle worker spin for 300,000 rounds after
+# each op, burning the core another service needs (on cluster-2-layers at concurrency 1, time per output
+# token went from 58 ms to 34-38 ms with passive waiting, bench/RESULTS.md); passive waiting instead
+# pays a futex wake-up on every op of a multi-threaded process (a two-thread router's dense part of a
+# batch-32 decode step: 52 ms passive, 27 ms spinning). A bounded spin keeps back-to-back ops cheap and
+# lets a waiting process's workers sleep early in the other's turn: 1.2x the output tokens/s of passive
+# waiting (with a one-thread router beside expert slices) on cluster-2 and cluster-2-layers
+# (bench/RESULTS.md, "A bounded spin"). One process alone (the router with local experts) keeps the
+# default. A wait setting the user made wins.
+SPIN_COUNT = 30_000
+_USER_WAIT = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+SHARED_CORES_ENV = {} if _USER_WAIT else {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
 
 
-def router_threads(args, shards: int) -> int:
-    """Torch threads per router: the flag; else, beside `shards` expert services holding slices of every
-    layer, a fair share of the cores (at least one); else 0 (all cores).
-
-    Router and shards then compute at the same moments on the same cores, and with passive OpenMP waiting
-    (SHARED_CORES_ENV) every parallel op of a multi-threaded process also pays a futex wake-up for its
-    sleeping workers. On 2 cores, cluster-2 with a one-thread router made 29.5 against 26.8 output tok/s
-    at concurrency 1 and 211 against 191 at 32 (bench/RESULTS.md, "Expert data plane"). Shards holding
-    whole layers take turns with the router, which then keeps every core.
-    """
-    if args.router_threads or not shards or args.split == "layers":
-        return args.router_threads
-    return max(1, (os.cpu_count() or 1) // (shards + 1))
-
-
-def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None, shards: int = 0
-                  ) -> list[Service]:
+def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None) -> list[Service]:
     services = []
-    threads = router_threads(args, shards)
     for i in range(args.routers):
         ready = args.run_dir / f"router-{i}.ready"
         experts = ["--placement", str(placement)] if placement else ["--experts", "local"]
@@ -139,7 +127,7 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--port", "0", "--metrics-port", "0",
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
-                       "--threads", str(threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
+                       "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
                        *args.router_arg)
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i}),
                                     SHARED_CORES_ENV if placement else None))
@@ -206,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             for spec in specs:
                 spec.replicas = [f"{args.host}:{s.port}" for s in experts if s.info["shard"] == spec.shard_id]
             write_placement(placement, specs)
-        routers = start_routers(group, args, model, placement, len(specs))
+        routers = start_routers(group, args, model, placement)
         group.wait_ready(routers, args.ready_timeout_s)
         gateway = start_gateway(group, args, model, routers)
         group.wait_ready([gateway], args.ready_timeout_s)

@@ -37,52 +37,45 @@ def test_serial_main_thread_runs_single_threaded():
         use_threads(before)
 
 
-def test_cluster_services_wait_passively_and_a_lone_router_keeps_the_default(tmp_path, monkeypatch):
+def test_cluster_routers_take_every_core_and_spin_briefly_and_a_lone_router_keeps_the_default(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from moe_serve import up
 
-    monkeypatch.setattr(up, "SHARED_CORES_ENV", {"OMP_WAIT_POLICY": "PASSIVE"})
-    started: list[tuple[str, dict | None]] = []
+    monkeypatch.setattr(up, "SHARED_CORES_ENV", {"GOMP_SPINCOUNT": "30000"})
+    started: list[tuple[str, dict | None, str]] = []
 
     class Group:
         def start(self, service, env=None):
-            started.append((service.name, env))
+            started.append((service.name, env, service.argv[service.argv.index("--threads") + 1]))
             return service
 
-    args = SimpleNamespace(routers=1, run_dir=tmp_path, cache="off", redis=None, host="127.0.0.1", dtype="auto",
-                           device="cpu", kv_cache_mib=64, max_model_len=0, router_threads=0, rpc_timeout_s=5.0,
-                           router_arg=[])
-    up.start_routers(Group(), args, tmp_path, placement=None)
-    up.start_routers(Group(), args, tmp_path, placement=tmp_path / "placement.json")
-    assert started == [("router 0", None), ("router 0", {"OMP_WAIT_POLICY": "PASSIVE"})]
+    def args(threads: int = 0):
+        return SimpleNamespace(routers=1, run_dir=tmp_path, cache="off", redis=None, host="127.0.0.1", dtype="auto",
+                               device="cpu", kv_cache_mib=64, max_model_len=0, router_threads=threads,
+                               rpc_timeout_s=5.0, router_arg=[])
+
+    up.start_routers(Group(), args(), tmp_path, placement=None)
+    up.start_routers(Group(), args(), tmp_path, placement=tmp_path / "placement.json")
+    up.start_routers(Group(), args(threads=3), tmp_path, placement=tmp_path / "placement.json")
+    assert started == [("router 0", None, "0"),  # 0: torch's default, every core
+                       ("router 0", {"GOMP_SPINCOUNT": "30000"}, "0"),
+                       ("router 0", {"GOMP_SPINCOUNT": "30000"}, "3")]  # the flag wins
 
 
-def test_a_router_beside_expert_slices_takes_its_share_of_the_cores(monkeypatch):
-    from types import SimpleNamespace
-
-    from moe_serve import up
-
-    monkeypatch.setattr(up.os, "cpu_count", lambda: 2)
-    args = SimpleNamespace(router_threads=0, split="experts")
-    assert up.router_threads(args, shards=0) == 0  # alone: every core
-    assert up.router_threads(args, shards=2) == 1
-    monkeypatch.setattr(up.os, "cpu_count", lambda: 64)
-    assert up.router_threads(args, shards=2) == 21
-    assert up.router_threads(SimpleNamespace(router_threads=0, split="layers"), shards=2) == 0  # takes turns
-    assert up.router_threads(SimpleNamespace(router_threads=3, split="experts"), shards=2) == 3  # the flag wins
-
-
-def test_a_wait_policy_the_user_set_wins(monkeypatch):
+def test_a_wait_setting_the_user_made_wins(monkeypatch):
     import importlib
 
     from moe_serve import up
 
     try:
-        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-        assert importlib.reload(up).SHARED_CORES_ENV == {}
-        monkeypatch.delenv("OMP_WAIT_POLICY")
-        assert importlib.reload(up).SHARED_CORES_ENV == {"OMP_WAIT_POLICY": "PASSIVE"}
+        for name, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("GOMP_SPINCOUNT", "1000")):
+            monkeypatch.setenv(name, value)
+            assert importlib.reload(up).SHARED_CORES_ENV == {}
+            monkeypatch.delenv(name)
+        reloaded = importlib.reload(up)
+        env = reloaded.SHARED_CORES_ENV
+        assert env == {"GOMP_SPINCOUNT": str(reloaded.SPIN_COUNT)}
     finally:
         monkeypatch.undo()
         importlib.reload(up)
