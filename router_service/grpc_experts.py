@@ -153,9 +153,9 @@ class GrpcExperts(ExpertBackend):
             raise RuntimeError("GrpcExperts must be called off the event loop's thread (it blocks on it)")
         started = time.perf_counter()
         parts = self.map.split(call.layer, call.ids, call.weights)
-        requests = [self._request(call.layer, call.x, part, call.request_ids) for part in parts]
         flights, by_grpc = [], []
-        for part, request in zip(parts, requests, strict=True):
+        for part in parts:  # each message is on the wire before the next one is built
+            request = self._request(call.layer, call.x, part, call.request_ids)
             replica = part.shard.pick(exclude=set()) if self.data_plane else None
             if replica is not None and replica.data_port:
                 flights.append(_Flight(self, part.shard, replica, request, len(part.rows)))
