@@ -154,7 +154,7 @@ class GrpcExperts(ExpertBackend):
         started = time.perf_counter()
         parts = self.map.split(call.layer, call.ids, call.weights)
         flights, by_grpc = [], []
-        for part in parts:  # each message is on the wire before the next one is built
+        for part in parts:  # a data-plane message goes out before the next one is built
             request = self._request(call.layer, call.x, part, call.request_ids)
             replica = part.shard.pick(exclude=set()) if self.data_plane else None
             if replica is not None and replica.data_port:
