@@ -15,7 +15,7 @@ the cache is on for): the batched decode call is faster (bench/RESULTS.md, "Expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,17 @@ class DecodeGroup:
     lengths: torch.Tensor  # [n] context lengths, the new token included
     keys: int  # key positions the call reads (the longest context, rounded up to whole blocks)
     allowed: torch.Tensor | None  # [n, keys] key positions inside each context; None: all of them
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # sliding window -> its mask, made once
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """`allowed`, narrowed to the last `window` positions of each context; the same for every layer."""
+        if window is None:
+            return self.allowed
+        if window not in self.windowed:
+            key_pos = torch.arange(self.keys, device=self.lengths.device)[None, :]
+            inside = key_pos > self.lengths[:, None] - 1 - window
+            self.windowed[window] = inside if self.allowed is None else self.allowed & inside
+        return self.windowed[window]
 
 
 def decode_groups(block_tables: torch.Tensor, lengths: list[int], block_size: int, key_row_bytes: int,
@@ -109,11 +120,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     for group in groups:
         k = gather_blocks(cache_k, group.tables, block_size).transpose(1, 2)  # [n, kv_heads, keys, D]
         v = gather_blocks(cache_v, group.tables, block_size).transpose(1, 2)
-        allowed = group.allowed
-        if window is not None:
-            key_pos = torch.arange(group.keys, device=q.device)[None, :]
-            inside = key_pos > group.lengths[:, None] - 1 - window
-            allowed = inside if allowed is None else allowed & inside
+        allowed = group.mask(window)
         rows = q if group.rows is None else q.index_select(0, group.rows)
         o = F.scaled_dot_product_attention(
             grouped_queries(rows, k.shape[1]).to(dtype), k.to(dtype), v.to(dtype),
