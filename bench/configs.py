@@ -109,6 +109,11 @@ class Running:
             out[service["name"]] = round(kib / 1024, 1)
         return out
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of every service so far: unlike wall time, what a change costs in
+        work, whatever else the machine does (bench/RESULTS.md; these machines are shared)."""
+        return sum(process_cpu_seconds(service["pid"]) for service in self.cluster["services"])
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -116,6 +121,20 @@ class Running:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others, all cores (0 where the kernel does not count it)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def start(name: str, model: Path, run_dir: Path, dtype: str, extra: list[str] | None = None,

@@ -3,7 +3,8 @@
     python -m bench.report bench/results/final.json [--ratios local:cluster-2 ...]
 
 One row per (configuration, concurrency): throughput, latency percentiles, dispatch time and the
-expert- and prefix-cache hit rates where measured; then peak RSS per service; then any requested
+expert- and prefix-cache hit rates where measured, the services' CPU time per output token (with
+the share of the cores the hypervisor stole meanwhile); then peak RSS per service; then any requested
 ratios of output tokens/s (B over A, same concurrency, same run).
 """
 
@@ -20,8 +21,9 @@ def _cell(value: object) -> str:
 
 def runs_table(report: dict) -> list[str]:
     lines = ["| config | conc. | req | err | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
-             "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate | prefix hit rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate | prefix hit rate "
+             "| CPU ms/token (steal) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in report["configs"]:
         for run in config["runs"]:
             ttft, tpot, itl, e2e = run["ttft_ms"], run["tpot_ms"], run["itl_ms"], run["e2e_ms"]
@@ -30,12 +32,15 @@ def runs_table(report: dict) -> list[str]:
                 dispatch = f"{run['dispatch_ms_per_layer']} ({run['dispatch_overhead_ms_per_layer']})"
             cache = run.get("cache", {}).get("hit_rate")
             prefix = run.get("cache", {}).get("prefix_hit_rate")
+            cpu = None
+            if run.get("cpu_ms_per_token") is not None:
+                cpu = f"{run['cpu_ms_per_token']} ({run['steal_fraction']})"
             lines.append(
                 f"| {config['config']} | {run['concurrency']} | {run['requests']} | {run['errors']} "
                 f"| {run['output_tok_s']} | {_cell(ttft.get('p50'))} / {_cell(ttft.get('p90'))} / "
                 f"{_cell(ttft.get('p99'))} | {_cell(tpot.get('p50'))} / {_cell(tpot.get('p99'))} "
                 f"| {_cell(itl.get('p50'))} | {_cell(e2e.get('p50'))} / {_cell(e2e.get('p99'))} "
-                f"| {_cell(dispatch)} | {_cell(cache)} | {_cell(prefix)} |")
+                f"| {_cell(dispatch)} | {_cell(cache)} | {_cell(prefix)} | {_cell(cpu)} |")
     return lines
 
 

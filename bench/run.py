@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import time
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from bench.baselines import run_transformers, start_llama_server
-from bench.configs import CONFIGS, parse_name, start
+from bench.configs import CONFIGS, parse_name, start, steal_seconds
 from bench.driver import run_load, summarize
 from bench.models import PRESETS, make_bench_model
 from bench.workload import mixed_workload
@@ -109,6 +110,13 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
     return {"config": name, "runs": runs, "peak_rss_mib": rss}
 
 
+def cpu_summary(cpu: float, steal: float, wall: float, summary: dict) -> dict:
+    """The services' CPU time per output token, and the share of the machine's cores stolen meanwhile."""
+    tokens = summary["output_tokens"]
+    return {"cpu_ms_per_token": round(1e3 * cpu / tokens, 2) if tokens else None,
+            "steal_fraction": round(steal / (wall * (os.cpu_count() or 1)), 3) if wall else None}
+
+
 def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
     """Expert-cache rows skipped per lookup, and prompt tokens whose prefill the prefix cache skipped."""
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
@@ -132,10 +140,12 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
         before, cache_before = running.dispatch(), running.cache_counts()
         runs = []
         for concurrency, requests in workloads.items():
+            cpu, steal = running.cpu_seconds(), steal_seconds()
             with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
                 results, wall = asyncio.run(run_load(running.url, model_name, requests, concurrency, bar))
             after = running.dispatch()
             summary = summarize(results, wall) | {"concurrency": concurrency}
+            summary |= cpu_summary(running.cpu_seconds() - cpu, steal_seconds() - steal, wall, summary)
             calls = after.calls - before.calls
             if calls:
                 seconds = after.seconds - before.seconds

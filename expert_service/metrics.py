@@ -22,10 +22,10 @@ class ShardTokens(Collector):
     def collect(self) -> Iterator:
         family = CounterMetricFamily("moe_expert_shard_tokens", "Token rows computed per expert",
                                      labels=["layer", "expert"])
-        rows = self.shard.rows.clone()
+        rows = [list(layer) for layer in self.shard.rows]
         for layer, held in sorted(self.shard.experts.items()):
             for expert in held.expert_ids:
-                family.add_metric([str(layer), str(expert)], float(rows[layer, expert]))
+                family.add_metric([str(layer), str(expert)], float(rows[layer][expert]))
         yield family
 
 

@@ -24,7 +24,7 @@ class ExpertShard:
         self.cfg, self.experts = cfg, experts
         self.model_id, self.revision, self.shard_id, self.replica_id = model_id, revision, shard_id, replica_id
         self.dtype, self.device = dtype, device
-        self.rows = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64)
+        self.rows = [[0] * cfg.num_experts for _ in range(cfg.num_hidden_layers)]  # [layer][expert] rows computed
         self.data_port = 0  # set once the data plane listens
 
     def forward(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
@@ -33,11 +33,10 @@ class ExpertShard:
         with torch.inference_mode():
             try:
                 out = expert_forward(self.experts[request.layer], hidden.to(self.device, self.dtype),
-                                     ids.to(self.device, torch.int64), weights.to(self.device))
+                                     ids.to(self.device, torch.int64), weights.to(self.device),
+                                     count_into=self.rows[request.layer])
             except UnknownExpertError as exc:
                 raise StatusError(INVALID, f"shard {self.shard_id}: {exc}") from None
-        used = ids[ids >= 0].long()
-        self.rows[request.layer] += torch.bincount(used, minlength=self.cfg.num_experts)
         return expert_pb2.ExpertResponse(step_id=request.step_id, output=codec.encode(out.to(hidden.dtype)),
                                          compute_seconds=time.perf_counter() - started)
 
@@ -68,7 +67,7 @@ class ExpertShard:
         return hidden, ids, weights
 
     def describe(self) -> expert_pb2.ShardInfo:
-        pairs = [expert_pb2.ExpertPair(layer=layer, expert=e, rows=int(self.rows[layer, e]))
+        pairs = [expert_pb2.ExpertPair(layer=layer, expert=e, rows=self.rows[layer][e])
                  for layer, held in sorted(self.experts.items()) for e in held.expert_ids]
         return expert_pb2.ShardInfo(model_id=self.model_id, model_revision=self.revision, shard_id=self.shard_id,
                                     experts=pairs, dtype=NAMES[self.dtype], device=str(self.device),

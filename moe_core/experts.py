@@ -23,10 +23,16 @@ class UnknownExpertError(ValueError):
     """A row names an expert this process does not hold."""
 
 
-def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x [T, H], ids [T, k] int (global ids, -1 = none), weights [T, k] -> [T, H] in x's dtype."""
+def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   count_into: list[int] | None = None) -> torch.Tensor:
+    """x [T, H], ids [T, k] int (global ids, -1 = none), weights [T, k] -> [T, H] in x's dtype.
+
+    `count_into` (indexed by global expert id) gets each expert's rows of this call added."""
     group = _group_small if ids.numel() <= SMALL_PAIRS else _group_large
     rows, pair_w, counts = group(experts, ids, weights)  # pairs in expert order: row index, weight; pairs per expert
+    if count_into is not None:
+        for expert, count in zip(experts.expert_ids, counts, strict=True):
+            count_into[expert] += count
     xs = x.index_select(0, rows)  # [pairs, H], grouped by expert
     ys = torch.empty(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     start = 0

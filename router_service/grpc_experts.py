@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -36,6 +36,44 @@ from router_service.shard_map import Part, Shard, ShardMap
 log = logging.getLogger(__name__)
 
 
+class RowsSent:
+    """Rows sent to each shard, [layers, experts] per shard.
+
+    Steps are counted a batch at a time: a bincount per part and step cost ≈ 0.1 ms of the router's
+    layer step at concurrency 1, where the whole hop costs ≈ 1 ms."""
+
+    BATCH = 256  # parts kept before they are counted
+
+    def __init__(self, shard_ids: list[str], layers: int, experts: int):
+        self.experts = experts
+        self._counts = {s: torch.zeros(layers, experts, dtype=torch.int64) for s in shard_ids}
+        self._pending: list[tuple[str, int, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    def add(self, shard_id: str, layer: int, ids: torch.Tensor) -> None:
+        with self._lock:
+            self._pending.append((shard_id, layer, ids))
+            if len(self._pending) >= self.BATCH:
+                self._count()
+
+    def __getitem__(self, shard_id: str) -> torch.Tensor:
+        with self._lock:
+            self._count()
+            return self._counts[shard_id].clone()
+
+    def _count(self) -> None:
+        for shard_id, counts in self._counts.items():
+            mine = [(layer, ids.reshape(-1)) for s, layer, ids in self._pending if s == shard_id]
+            if not mine:
+                continue
+            ids = torch.cat([flat for _, flat in mine]).long()
+            offsets = torch.repeat_interleave(torch.tensor([layer * self.experts for layer, _ in mine]),
+                                              torch.tensor([flat.numel() for _, flat in mine]))
+            used = ids >= 0
+            counts += torch.bincount((ids + offsets)[used], minlength=counts.numel()).view_as(counts)
+        self._pending.clear()
+
+
 @dataclass
 class DispatchStats:
     """Where layer steps spend their time, and what each shard was sent."""
@@ -44,7 +82,7 @@ class DispatchStats:
     seconds: float = 0.0  # wall time of those steps, from split to combined output
     shard_compute_seconds: float = 0.0  # the slowest shard's own compute, summed over steps
     retries: int = 0
-    rows_sent: dict[str, torch.Tensor] = field(default_factory=dict)  # shard -> [layers, experts] rows
+    rows_sent: RowsSent | None = None
 
 
 class _Flight:
@@ -140,8 +178,8 @@ class GrpcExperts(ExpertBackend):
                  tls: Tls | None = None):
         self.cfg, self.map, self.revision, self.loop = cfg, shard_map, revision, loop
         self.timeout, self.metrics, self.data_plane, self.tls = rpc_timeout_s, metrics, data_plane, tls
-        self.stats = DispatchStats(rows_sent={s.shard_id: torch.zeros(cfg.num_hidden_layers, cfg.num_experts,
-                                                                      dtype=torch.int64) for s in shard_map.shards})
+        self.stats = DispatchStats(rows_sent=RowsSent([s.shard_id for s in shard_map.shards], cfg.num_hidden_layers,
+                                                      cfg.num_experts))
         self._steps = itertools.count()
         self._lock = threading.Lock()
 
@@ -189,9 +227,8 @@ class GrpcExperts(ExpertBackend):
             self.stats.calls += 1
             self.stats.seconds += seconds
             self.stats.shard_compute_seconds += max((r.compute_seconds for r in responses), default=0.0)
-            for part in parts:
-                used = part.ids[part.ids >= 0].long()
-                self.stats.rows_sent[part.shard.shard_id][layer] += torch.bincount(used, minlength=self.cfg.num_experts)
+        for part in parts:
+            self.stats.rows_sent.add(part.shard.shard_id, layer, part.ids)
         if self.metrics:
             self.metrics.dispatch.observe(seconds)
             for part in parts:

@@ -3,6 +3,11 @@
 Built from what every replica reports in Describe. An expert held by several shards (hot-expert
 replication) has its rows spread over its holders round-robin, so each shard still gets one message
 per layer step.
+
+A decode step's split (a few dozen pairs) runs in Python: between two layer steps the shards' compute
+has evicted the router's caches, and the dozen tensor ops of the vectorised split then cost ≈ 0.1–0.5
+ms a step, several times what a short loop over the pairs costs (bench/RESULTS.md). Prefill chunks
+split with tensor ops; both ways give the same parts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 from moe_core.config import MoeConfig
 from moe_core.errors import ConfigError
 from router_service.replica import Replica
+
+SMALL_PAIRS = 256  # at most this many (row, expert) pairs per layer step: split in Python
 
 
 @dataclass
@@ -60,6 +67,8 @@ class ShardMap:
         if missing:
             raise ConfigError(f"no shard holds experts {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         self.holders = {layer: self._holder_table(layer) for layer in cfg.moe_layers}
+        self.holder_lists = {layer: [row[:count] for row, count in zip(table.tolist(), counts.tolist(), strict=True)]
+                             for layer, (table, counts) in self.holders.items()}
         # Layers whose experts all live on one shard (a placement split by layers) skip the split entirely.
         self.sole = {layer: table[0, 0].item() for layer, (table, counts) in self.holders.items()
                      if bool((table == table[0, 0]).all()) and bool((counts == 1).all())}
@@ -77,6 +86,8 @@ class ShardMap:
         if layer in self.sole:
             return [Part(self.shards[self.sole[layer]], torch.arange(ids.shape[0]), ids.to(torch.int32),
                          weights.float())]
+        if ids.numel() <= SMALL_PAIRS:
+            return self._split_small(layer, ids, weights)
         table, counts = self.holders[layer]
         rows = torch.arange(ids.shape[0])[:, None]
         owner = table[ids, rows % counts[ids]]  # [T, k] shard index of every pair
@@ -89,3 +100,21 @@ class ShardMap:
                               torch.where(keep, ids[selected], -1).to(torch.int32),
                               torch.where(keep, weights[selected], 0.0).float()))
         return parts
+
+    def _split_small(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
+        holders = self.holder_lists[layer]
+        k = ids.shape[1]
+        by_shard: dict[int, tuple[list[int], list[int], list[float]]] = {}
+        for row, (row_ids, row_weights) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
+            owners = [holders[e][row % len(holders[e])] for e in row_ids]
+            for index in set(owners):
+                rows, part_ids, part_weights = by_shard.setdefault(index, ([], [], []))
+                rows.append(row)
+                for j in range(k):
+                    mine = owners[j] == index
+                    part_ids.append(row_ids[j] if mine else -1)
+                    part_weights.append(row_weights[j] if mine else 0.0)
+        return [Part(self.shards[index], torch.tensor(rows, dtype=torch.int64),
+                     torch.tensor(part_ids, dtype=torch.int32).view(-1, k),
+                     torch.tensor(part_weights, dtype=torch.float32).view(-1, k))
+                for index, (rows, part_ids, part_weights) in sorted(by_shard.items())]

@@ -31,6 +31,7 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
                 stats = run[metric]
                 assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
             assert run["ttft_ms"]["p50"] < run["e2e_ms"]["p50"]
+            assert run["cpu_ms_per_token"] > 0 and 0 <= run["steal_fraction"] < 1
             prefix = run["cache"]
             assert prefix["prefix_query_tokens"] > 0 and 0 <= prefix["prefix_hit_rate"] <= 1
     # repeated prompts reuse their KV blocks (the prefix cache is on by default)

@@ -17,6 +17,7 @@ from moe_core.placement import (
     uncovered,
     write_placement,
 )
+from router_service import shard_map as shard_map_module
 from router_service.replica import Replica
 from router_service.shard_map import Shard, ShardMap
 
@@ -81,6 +82,24 @@ def test_split_sends_each_pair_to_a_holder_once():
     assert owners == {"a", "b"}  # the replicated expert's rows are spread over both holders
     with pytest.raises(ConfigError, match="no shard holds experts"):
         ShardMap(CFG, [b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_small_step_splits_in_python_exactly_as_a_large_one_does(monkeypatch, dtype):
+    a = Shard("a", [Replica("a", "127.0.0.1:1")], {(1, e) for e in range(5)} | {(3, e) for e in range(8)})
+    b = Shard("b", [Replica("b", "127.0.0.1:2")], {(1, e) for e in range(3, 8)})  # experts 3 and 4 replicated
+    shard_map = ShardMap(CFG, [a, b])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
+    weights = torch.rand(40, 2, generator=g).to(dtype)
+    small = shard_map.split(1, ids, weights)
+    monkeypatch.setattr(shard_map_module, "SMALL_PAIRS", 0)
+    large = shard_map.split(1, ids, weights)
+    assert [p.shard.shard_id for p in small] == [p.shard.shard_id for p in large] == ["a", "b"]
+    for s, big in zip(small, large, strict=True):
+        for name in ("rows", "ids", "weights"):
+            got, want = getattr(s, name), getattr(big, name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 def test_split_by_layers_and_the_single_shard_fast_path():
