@@ -113,3 +113,19 @@ def test_split_by_layers_and_the_single_shard_fast_path():
     assert part.shard.shard_id == "shard-1" and part.rows.tolist() == [0, 1] and part.ids.tolist() == ids.tolist()
     with pytest.raises(ConfigError, match="cannot split 2 MoE layers into 3"):
         split_by_layers(CFG, 3)
+
+
+def test_rows_sent_counts_every_pair_across_batches():
+    from router_service.grpc_experts import RowsSent
+
+    sent = RowsSent(["a", "b"], layers=4, experts=8)
+    g = torch.Generator().manual_seed(1)
+    expected = {"a": torch.zeros(4, 8, dtype=torch.int64), "b": torch.zeros(4, 8, dtype=torch.int64)}
+    for step in range(RowsSent.BATCH + 37):  # one batch counted on the way, the rest on reading
+        shard, layer = "ab"[step % 2], (1, 3)[step % 3 == 0]
+        ids = torch.randint(-1, 8, (3, 2), generator=g, dtype=torch.int32)
+        sent.add(shard, layer, ids)
+        for e in ids[ids >= 0].tolist():
+            expected[shard][layer, e] += 1
+    assert torch.equal(sent["a"], expected["a"]) and torch.equal(sent["b"], expected["b"])
+    assert int(sent["a"].sum()) > 0
