@@ -13,7 +13,7 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -26,12 +26,12 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_has_fast_bf16() -> bool:
     """bfloat16 matmuls only beat float32 on CPUs with native bf16 instructions (AVX-512 BF16 / AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_has_amx_bf16() -> bool:
     """Intel AMX tiles with bf16 (Sapphire Rapids and later), where oneDNN's bf16 kernels run fastest."""
-    return "amx_bf16" in _cpu_flags()
+    return "amx_bf16" in cpu_flags()
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -13,6 +13,10 @@ into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent i
 changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
 `MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
 
+On CPUs with AVX2 but no AVX-512, float32 weights go to the panel GEMM instead (`moe_core.panel_gemm`:
+faster than oneDNN there at every row count measured, one kernel for all row counts, and a row's result
+never depends on its neighbours), so neither the bounded kernel set nor the lone-row probe applies.
+
 For some shapes oneDNN runs a single row through another kernel than two or more, whose result
 differs in the last bits. The expert-output cache needs a row's output not to depend on how many
 rows share its call, so such layers (found by a probe when packed) run a lone row as two.
@@ -25,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from moe_core import panel_gemm
 from moe_core.dtypes import cpu_has_fast_bf16
 
 PACK_HINT = 16  # rows oneDNN tunes the packed layout for (a decode step's rows per expert)
@@ -61,14 +66,19 @@ def _packable_dtype(dtype: torch.dtype) -> bool:
 class Linear:
     """y = x @ W.T + b for a [out, in] weight."""
 
-    __slots__ = ("bias", "packed", "pad_single", "shape", "weight")
+    __slots__ = ("bias", "packed", "pad_single", "panels", "shape", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None):
         self.shape = tuple(weight.shape)
         self.bias = bias
         self.packed = None
+        self.panels = None
         self.weight: torch.Tensor | None = weight
-        if packing_enabled(weight) if pack is None else pack:
+        if pack is not False and panel_gemm.enabled_for(weight):
+            self.panels = panel_gemm.pack(weight)
+            self.bias = None if bias is None else bias.float().contiguous()
+            self.weight = None
+        elif packing_enabled(weight) if pack is None else pack:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_HINT)
                 self.weight = None
@@ -77,6 +87,9 @@ class Linear:
         self.pad_single = self.packed is not None and self._single_row_differs()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None:
+            y = panel_gemm.matmul(x.reshape(-1, x.shape[-1]), self.panels, self.shape[0], self.bias)
+            return y.reshape(*x.shape[:-1], self.shape[0])
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
@@ -105,12 +118,18 @@ class Linear:
 
     def dense(self) -> torch.Tensor:
         """The weight as a plain tensor (for inspection and tests)."""
+        if self.panels is not None:
+            return panel_gemm.unpack(self.panels, self.shape[0])
         return self.packed.to_dense() if self.packed is not None else self.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self.packed if self.packed is not None else self.weight).dtype
+        return self._stored.dtype
 
     @property
     def device(self) -> torch.device:
-        return (self.packed if self.packed is not None else self.weight).device
+        return self._stored.device
+
+    @property
+    def _stored(self) -> torch.Tensor:
+        return next(t for t in (self.panels, self.packed, self.weight) if t is not None)

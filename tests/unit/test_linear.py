@@ -1,11 +1,21 @@
-"""Packed linear layers: the bounded set of row counts they run on, and unchanged results."""
+"""Packed linear layers: the bounded set of row counts they run on, and unchanged results, with either
+float32 CPU kernel (oneDNN's packed layout, or the AVX2 panel GEMM where the CPU has AVX2)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_core.dtypes import cpu_flags
 from moe_core.linear import EXACT_ROWS, ROW_CHUNKS, Linear, row_pieces
+
+
+@pytest.fixture(autouse=True, params=["onednn", "panels"])
+def float32_kernel(request, monkeypatch):
+    if request.param == "panels" and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("the panel GEMM needs AVX2 and FMA")
+    monkeypatch.setenv("MOE_PANEL_GEMM", "1" if request.param == "panels" else "0")
+    return request.param
 
 
 @pytest.mark.parametrize("rows", [1, 63, 64, 65, 127, 128, 200, 255, 256, 257, 513, 1000, 4099])
@@ -22,11 +32,12 @@ def test_distinct_row_counts_stay_bounded():
 
 
 @pytest.mark.parametrize("rows", [5, 65, 200, 600])
-def test_split_calls_give_the_one_call_result(rows):
+def test_split_calls_give_the_one_call_result(rows, float32_kernel):
     torch.manual_seed(rows)
     weight, bias = torch.randn(96, 48), torch.randn(96)
     x = torch.randn(rows, 48)
     layer = Linear(weight, bias)
+    assert (layer.panels is not None) == (float32_kernel == "panels")
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer(x.view(1, rows, 48))[0], layer(x), rtol=0, atol=0)  # leading dims kept
 

@@ -1,0 +1,142 @@
+"""The AVX2 panel GEMM: F.linear's values, a row's bits independent of its call, torch's OpenMP team."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_core import panel_gemm
+from moe_core.dtypes import cpu_flags
+from moe_core.linear import Linear
+
+pytestmark = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="the kernel needs AVX2 and FMA")
+
+
+@pytest.fixture
+def forced_on(monkeypatch):
+    monkeypatch.setenv("MOE_PANEL_GEMM", "1")
+    assert panel_gemm.library() is not None
+
+
+@pytest.mark.parametrize(("n", "k"), [(2816, 512), (512, 1408), (8, 512), (33, 70), (1, 5)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 6, 7, 13, 64, 301])
+def test_matches_f_linear(n, k, rows):
+    torch.manual_seed(n + k + rows)
+    weight, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(rows, k)
+    panels = panel_gemm.pack(weight)
+    assert panels.shape == (-(-n // 16), k, 16)
+    assert torch.equal(panel_gemm.unpack(panels, n), weight)
+    tolerance = dict(rtol=1e-5, atol=1e-5 * k ** 0.5 * 4)  # float32 sums of k terms of size ~1
+    torch.testing.assert_close(panel_gemm.matmul(x, panels, n, bias), torch.nn.functional.linear(x, weight, bias),
+                               **tolerance)
+    torch.testing.assert_close(panel_gemm.matmul(x, panels, n), x @ weight.T, **tolerance)
+
+
+def test_strided_rows_are_read_in_place():
+    torch.manual_seed(3)
+    weight, wide = torch.randn(40, 64), torch.randn(9, 100)
+    x = wide[:, 10:74]  # row stride 100, not 64
+    assert not x.is_contiguous()
+    assert torch.equal(panel_gemm.matmul(x, panel_gemm.pack(weight), 40), panel_gemm.matmul(x.contiguous(),
+                                                                                           panel_gemm.pack(weight), 40))
+
+
+def test_a_row_gets_the_same_bits_whatever_shares_its_call_and_whatever_the_threads():
+    torch.manual_seed(4)
+    weight = torch.randn(1408, 512)
+    panels, x = panel_gemm.pack(weight), torch.randn(97, 512)
+    alone = torch.cat([panel_gemm.matmul(x[i:i + 1], panels, 1408) for i in range(len(x))])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows, start in [(2, 7), (6, 0), (7, 3), (13, 40), (97, 0)]:
+                assert torch.equal(panel_gemm.matmul(x[start:start + rows], panels, 1408), alone[start:start + rows])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_library_runs_on_torchs_openmp_runtime():
+    """Two libgomp copies would mean two thread teams fighting over the cores."""
+    assert panel_gemm.library() is not None
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) == 1, gomps
+
+
+def test_linear_uses_panels_when_on_and_onednn_when_off(monkeypatch, forced_on):
+    torch.manual_seed(5)
+    weight, bias, x = torch.randn(24, 16), torch.randn(24), torch.randn(3, 2, 16)
+    on = Linear(weight, bias)
+    assert on.panels is not None and on.weight is None and on.dtype == torch.float32
+    monkeypatch.setenv("MOE_PANEL_GEMM", "0")
+    off = Linear(weight, bias)
+    assert off.panels is None
+    torch.testing.assert_close(on(x), off(x), rtol=1e-5, atol=1e-5)
+    assert on(x).shape == (3, 2, 24)
+    assert torch.equal(on.dense(), weight)
+    assert Linear(weight.bfloat16()).panels is None  # float32 only
+
+
+def test_default_follows_the_cpu(monkeypatch):
+    monkeypatch.delenv("MOE_PANEL_GEMM", raising=False)
+    monkeypatch.setattr(panel_gemm, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert panel_gemm.wanted()
+    monkeypatch.setattr(panel_gemm, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert not panel_gemm.wanted()  # oneDNN's AVX-512 kernels keep the job
+    monkeypatch.setenv("MOE_PANEL_GEMM", "1")
+    assert panel_gemm.wanted()
+    monkeypatch.setattr(panel_gemm, "cpu_flags", lambda: frozenset({"sse4_2"}))
+    assert not panel_gemm.wanted()  # forced on, but the CPU cannot run it
+
+
+def test_builds_into_its_directory_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
+    first = panel_gemm.build()
+    assert first.parent == tmp_path and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert panel_gemm.build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_without_a_compiler_it_says_so_and_linear_uses_onednn(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("MOE_PANEL_GEMM", "1")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    panel_gemm.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="moe_core.panel_gemm"):
+            layer = Linear(torch.randn(8, 8))
+        assert layer.panels is None
+        assert "no C++ compiler" in caplog.text and "oneDNN" in caplog.text
+    finally:
+        panel_gemm.library.cache_clear()
+
+
+def test_a_broken_compile_is_reported_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(panel_gemm, "SOURCE", tmp_path / "broken.cpp")
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    panel_gemm.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="moe_core.panel_gemm"):
+            assert panel_gemm.library() is None
+        assert "broken.cpp" in caplog.text
+        assert not list(tmp_path.glob("*.so*"))
+    finally:
+        panel_gemm.library.cache_clear()
+
+
+def test_a_prebuilt_directory_serves_a_machine_without_a_compiler(monkeypatch, tmp_path):
+    """What the CPU image does: built in the builder stage, loaded where no compiler is."""
+    monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
+    panel_gemm.build()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    panel_gemm.library.cache_clear()
+    try:
+        lib = panel_gemm.library()
+        assert lib is not None and lib._name.startswith(str(tmp_path))
+    finally:
+        panel_gemm.library.cache_clear()
