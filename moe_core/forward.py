@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from moe_core import paged_attention
 from moe_core.attention import (
     DecodeGroup,
     decode_attention,
@@ -154,7 +155,10 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d and batch.invariant_decode:
+    if d and paged_attention.usable(q, cache_k):  # batch-invariant by construction: serves both cases
+        out[:d] = paged_attention.decode(q[:d], cache_k, cache_v, batch.block_tables,
+                                         torch.tensor(batch.decode_lengths), block_size, scale, window)
+    elif d and batch.invariant_decode:
         out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
                                         block_size, scale, window)
     elif d:

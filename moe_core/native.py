@@ -1,0 +1,79 @@
+"""C++ kernels from `moe_core/kernels`, compiled on first use with the machine's compiler, loaded with ctypes.
+
+Each source becomes one shared library in `MOE_KERNEL_DIR` (default `~/.cache/moe-serve/kernels`),
+named by a hash of the source and the flags, compiled with `CXX` (default `c++`) in about a second and
+reused by every later process; a directory filled at image build time serves machines without a
+compiler (deploy/docker/Dockerfile). A process that cannot build or load a kernel says so once in the
+log, and its callers use torch's own kernels.
+
+The kernels target AVX2 with FMA. They are the default on CPUs with AVX2 but no AVX-512, where they
+were measured faster than torch's (bench/RESULTS.md, "Native kernels for AVX2 CPUs"); each has a
+setting: `1` forces it on any CPU with AVX2 and FMA, `0` turns it off. The libraries link OpenMP and
+bind, at load, to the libgomp.so.1 torch brought in, so they run on torch's thread team and
+`torch.set_num_threads` on the calling thread sets theirs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from moe_core.dtypes import cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).with_name("kernels")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def wanted(setting: str) -> bool:
+    """Whether a kernel with the environment setting `setting` (auto | 1 | 0) runs on this CPU."""
+    value = os.environ.get(setting, "auto")
+    if value == "0" or not {"avx2", "fma"} <= cpu_flags():
+        return False
+    return value == "1" or "avx512f" not in cpu_flags()
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("MOE_KERNEL_DIR") or Path.home() / ".cache" / "moe-serve" / "kernels")
+
+
+def build(name: str) -> Path:
+    """The library of kernels/`name`.cpp with these flags: found in `kernel_dir()`, or compiled there now."""
+    source = SOURCES / f"{name}.cpp"
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = kernel_dir() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise FileNotFoundError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes starting together each build, and none loads a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The loaded library of kernels/`name`.cpp, or None (logged once) where it cannot be built or loaded."""
+    try:
+        return ctypes.CDLL(str(build(name)))
+    except (OSError, subprocess.CalledProcessError) as e:  # FileNotFoundError is an OSError
+        detail = getattr(e, "stderr", None) or e
+        log.warning("native kernel %s unavailable, torch's kernels run instead: %s", name, detail)
+        return None

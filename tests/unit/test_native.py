@@ -1,0 +1,94 @@
+"""Native kernels: built once per source, shared through a directory, on torch's OpenMP runtime, and
+reported (never raised) where they cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_core import native, panel_gemm
+from moe_core.dtypes import cpu_flags
+from moe_core.linear import Linear
+
+KERNELS = ["panel_gemm", "paged_attention"]
+needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="the kernels need AVX2 and FMA")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel directory and no library loaded yet in this process."""
+    monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
+    native.load.cache_clear()
+    panel_gemm.library.cache_clear()
+    yield tmp_path
+    native.load.cache_clear()
+    panel_gemm.library.cache_clear()
+
+
+def test_the_default_follows_the_cpu(monkeypatch):
+    monkeypatch.delenv("MOE_X", raising=False)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert native.wanted("MOE_X")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert not native.wanted("MOE_X")  # torch's AVX-512 kernels keep the job
+    monkeypatch.setenv("MOE_X", "1")
+    assert native.wanted("MOE_X")
+    monkeypatch.setenv("MOE_X", "0")
+    assert not native.wanted("MOE_X")
+    monkeypatch.setenv("MOE_X", "1")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse4_2"}))
+    assert not native.wanted("MOE_X")  # forced on, but the CPU cannot run it
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", KERNELS)
+def test_builds_into_its_directory_once(fresh, name):
+    first = native.build(name)
+    assert first.parent == fresh and first.name.startswith(name) and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert native.build(name) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in fresh.iterdir()] == [first.name]  # no temporary left behind
+    assert native.load(name) is not None
+
+
+@needs_avx2
+def test_the_libraries_run_on_torchs_openmp_runtime():
+    """Two libgomp copies would mean two thread teams fighting over the cores."""
+    assert all(native.load(name) is not None for name in KERNELS)
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) == 1, gomps
+
+
+def test_without_a_compiler_it_says_so_and_linear_uses_onednn(monkeypatch, fresh, caplog):
+    monkeypatch.setenv("MOE_PANEL_GEMM", "1")
+    monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="moe_core.native"):
+        layer = Linear(torch.randn(8, 8))
+    assert layer.panels is None and layer(torch.ones(1, 8)).shape == (1, 8)
+    assert "no C++ compiler" in caplog.text and "panel_gemm" in caplog.text
+
+
+def test_a_broken_compile_is_reported_not_raised(monkeypatch, fresh, caplog):
+    sources = fresh / "src"
+    sources.mkdir()
+    (sources / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCES", sources)
+    with caplog.at_level(logging.WARNING, logger="moe_core.native"):
+        assert native.load("broken") is None
+    assert "broken.cpp" in caplog.text
+    assert not list(fresh.glob("*.so*"))
+
+
+@needs_avx2
+def test_a_prebuilt_directory_serves_a_machine_without_a_compiler(monkeypatch, fresh):
+    """What the CPU image does: built in the builder stage, loaded where no compiler is."""
+    for name in KERNELS:
+        native.build(name)
+    native.load.cache_clear()
+    monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
+    for name in KERNELS:
+        lib = native.load(name)
+        assert lib is not None and lib._name.startswith(str(fresh))
