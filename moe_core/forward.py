@@ -155,7 +155,7 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d and paged_attention.usable(q, cache_k):  # batch-invariant by construction: serves both cases
+    if d and paged_attention.usable(q, cache_k, cache_v):  # batch-invariant by construction: serves both cases
         out[:d] = paged_attention.decode(q[:d], cache_k, cache_v, batch.block_tables,
                                          torch.tensor(batch.decode_lengths), block_size, scale, window)
     elif d and batch.invariant_decode:

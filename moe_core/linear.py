@@ -13,9 +13,10 @@ into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent i
 changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
 `MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
 
-On CPUs with AVX2 but no AVX-512, float32 weights go to the panel GEMM instead (`moe_core.panel_gemm`:
-faster than oneDNN there at every row count measured, one kernel for all row counts, and a row's result
-never depends on its neighbours), so neither the bounded kernel set nor the lone-row probe applies.
+On CPUs with AVX2 but no AVX-512, float32 and bfloat16 weights go to the panel GEMM instead
+(`moe_core.panel_gemm`: faster than oneDNN there at every row count measured, one kernel for all row
+counts, and a row's result never depends on its neighbours), so neither the bounded kernel set nor the
+lone-row probe applies. It computes in float32; bfloat16 weights only halve the bytes read.
 
 For some shapes oneDNN runs a single row through another kernel than two or more, whose result
 differs in the last bits. The expert-output cache needs a row's output not to depend on how many
@@ -87,9 +88,9 @@ class Linear:
         self.pad_single = self.packed is not None and self._single_row_differs()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None:
-            y = panel_gemm.matmul(x.reshape(-1, x.shape[-1]), self.panels, self.shape[0], self.bias)
-            return y.reshape(*x.shape[:-1], self.shape[0])
+        if self.panels is not None:  # float32 rows in and out (bfloat16 weights widen in the kernel)
+            y = panel_gemm.matmul(x.reshape(-1, x.shape[-1]).float(), self.panels, self.shape[0], self.bias)
+            return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])

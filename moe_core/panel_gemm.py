@@ -20,8 +20,11 @@ SETTING = "MOE_PANEL_GEMM"
 PANEL = 16  # output columns per panel: must match kPanel in the source
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def enabled_for(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and native.wanted(SETTING)
+    return (weight.device.type == "cpu" and weight.dtype in WEIGHT_DTYPES and native.wanted(SETTING)
             and library() is not None)
 
 
@@ -32,18 +35,20 @@ def library() -> ctypes.CDLL | None:
         return None
     if lib.panel_gemm_panel_width() != PANEL:
         raise RuntimeError(f"{lib._name} packs {lib.panel_gemm_panel_width()} columns per panel, this module {PANEL}")
-    fn = lib.panel_gemm
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
+    for fn in (lib.panel_gemm, lib.panel_gemm_bf16):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
     return lib
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> [ceil(N / 16), K, 16] panels, the last one zero-padded."""
+    """[N, K] float32 or bfloat16 -> [ceil(N / 16), K, 16] panels of that dtype, the last one zero-padded."""
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"panel GEMM weights are float32 or bfloat16, not {weight.dtype}")
     n, k = weight.shape
     panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
@@ -53,7 +58,7 @@ def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 -> x @ W.T (+ bias) [M, n], W being what `pack` got; bias contiguous float32 [n]."""
+    """x [M, K] float32 -> x @ W.T (+ bias) [M, n] float32, W being what `pack` got; bias contiguous float32 [n]."""
     if x.dtype != torch.float32 or x.shape[-1] != panels.shape[1]:
         raise ValueError(f"panel GEMM wants float32 rows of {panels.shape[1]}, got {x.dtype} {tuple(x.shape)}")
     if x.stride(-1) != 1:
@@ -61,6 +66,7 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | N
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        library().panel_gemm(x.data_ptr(), x.stride(0), m, x.shape[1], panels.data_ptr(),
+        kernel = library().panel_gemm_bf16 if panels.dtype == torch.bfloat16 else library().panel_gemm
+        kernel(x.data_ptr(), x.stride(0), m, x.shape[1], panels.data_ptr(),
                              None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
     return y

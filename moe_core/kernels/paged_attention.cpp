@@ -47,14 +47,22 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-inline float dot(const float* a, const float* b, int d) {  // d a multiple of 8
+// 8 cached values as float32: float32 as they are, bfloat16 widened exactly (its bits are float32's top half).
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const uint16_t* x) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int d) {  // d a multiple of 8
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= d; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
     }
-    if (i < d) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    if (i < d) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
     return hsum(_mm256_add_ps(s0, s1));
 }
 
@@ -62,34 +70,38 @@ inline float dot(const float* a, const float* b, int d) {  // d a multiple of 8
 // block: too irregular for the hardware prefetcher, so each pass asks for the rows it reads kAhead ahead.
 constexpr int kAhead = 8;
 
-inline void prefetch_row(const float* row, int d) {
-    for (int i = 0; i < d; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+template <typename T>
+inline void prefetch_row(const T* row, int d) {
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int i = 0; i < d * (int)sizeof(T); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
 }
 
+template <typename T>
 struct Problem {
     const float* q; int heads, head_dim;
-    const float* keys; const float* values; int kv_heads;
+    const T* keys; const T* values; int kv_heads;
     const int64_t* tables; int table_width, block_size;
     const int64_t* lengths; int window; float scale;
     float* out;
 };
 
+template <typename T>
 struct Scratch {  // per thread, reused across (sequence, KV head) items
     std::vector<float> scores;
-    std::vector<const float*> keys, values;
+    std::vector<const T*> keys, values;
 };
 
 // out[h] += sum over t of p[h][t] * v[t][d0:d0+8] for the H heads of one chunk: H accumulators in registers,
 // one 32-byte load of each value row per pass.
-template <int H>
-void weighted_values(const float* const* s, const float* const* values, int n, int d0, int row_floats,
+template <int H, typename T>
+void weighted_values(const float* const* s, const T* const* values, int n, int d0, int row_floats,
                      const float* inv, float* const* out) {
     __m256 acc[H];
 #pragma GCC unroll 8
     for (int h = 0; h < H; h++) acc[h] = _mm256_setzero_ps();
     for (int t = 0; t < n; t++) {
         if (d0 == 0 && t + kAhead < n) prefetch_row(values[t + kAhead], row_floats);  // later passes find them in L2
-        const __m256 v = _mm256_loadu_ps(values[t] + d0);
+        const __m256 v = load8(values[t] + d0);
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(s[h][t]), v, acc[h]);
     }
@@ -97,7 +109,8 @@ void weighted_values(const float* const* s, const float* const* values, int n, i
     for (int h = 0; h < H; h++) _mm256_storeu_ps(out[h] + d0, _mm256_mul_ps(acc[h], _mm256_set1_ps(inv[h])));
 }
 
-void one(const Problem& p, int b, int g, Scratch& scratch) {
+template <typename T>
+void one(const Problem<T>& p, int b, int g, Scratch<T>& scratch) {
     const int group = p.heads / p.kv_heads, d = p.head_dim;
     const int length = (int)p.lengths[b];
     const int first = p.window > 0 ? std::max(0, length - p.window) : 0;
@@ -117,7 +130,7 @@ void one(const Problem& p, int b, int g, Scratch& scratch) {
     const float* q = p.q + ((int64_t)b * p.heads + (int64_t)g * group) * d;
     for (int t = 0; t < n; t++) {  // each key row read once, for every head of the group
         if (t + kAhead < n) prefetch_row(scratch.keys[t + kAhead], d);
-        const float* k = scratch.keys[t];
+        const T* k = scratch.keys[t];
         for (int h = 0; h < group; h++) scores[(size_t)h * padded + t] = dot(q + h * d, k, d) * p.scale;
     }
     std::vector<float> inv(group);
@@ -143,7 +156,7 @@ void one(const Problem& p, int b, int g, Scratch& scratch) {
         float* o[8];
         for (int h = 0; h < hs; h++) { s[h] = scores + (size_t)(h0 + h) * padded; o[h] = out + (h0 + h) * d; }
         for (int d0 = 0; d0 < d; d0 += 8) {
-            const float* const* vs = scratch.values.data();
+            const T* const* vs = scratch.values.data();
             switch (hs) {
                 case 1: weighted_values<1>(s, vs, n, d0, d, &inv[h0], o); break;
                 case 2: weighted_values<2>(s, vs, n, d0, d, &inv[h0], o); break;
@@ -158,24 +171,40 @@ void one(const Problem& p, int b, int g, Scratch& scratch) {
     }
 }
 
+template <typename T>
+void attend(const float* q, int batch, int heads, int head_dim, const T* keys, const T* values, int kv_heads,
+            const int64_t* tables, int table_width, int block_size, const int64_t* lengths, int window, float scale,
+            float* out) {
+    const Problem<T> p{q, heads, head_dim, keys, values, kv_heads, tables, table_width, block_size, lengths, window,
+                       scale, out};
+    const int items = batch * kv_heads;
+#pragma omp parallel if (items > 1 && omp_get_max_threads() > 1)
+    {
+        Scratch<T> scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int item = 0; item < items; item++) one(p, item / kv_heads, item % kv_heads, scratch);
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-// q [B, heads, D]; keys, values [slots, kv_heads, D]; tables [B, table_width] block ids; lengths [B]
-// (each sequence's context, the new token included); window <= 0: none; out [B, heads, D]. D % 8 == 0.
+// q [B, heads, D] float32; keys, values [slots, kv_heads, D]; tables [B, table_width] block ids; lengths
+// [B] (each sequence's context, the new token included); window <= 0: none; out [B, heads, D] float32.
+// D % 8 == 0. Caches in float32 (paged_decode_attention) or bfloat16 (paged_decode_attention_bf16).
 void paged_decode_attention(const float* q, int batch, int heads, int head_dim, const float* keys,
                             const float* values, int kv_heads, const int64_t* tables, int table_width,
                             int block_size, const int64_t* lengths, int window, float scale, float* out) {
-    const Problem p{q, heads, head_dim, keys, values, kv_heads, tables, table_width, block_size, lengths, window,
-                    scale, out};
-    const int items = batch * kv_heads;
-#pragma omp parallel if (items > 1 && omp_get_max_threads() > 1)
-    {
-        Scratch scratch;
-#pragma omp for schedule(dynamic, 1)
-        for (int item = 0; item < items; item++) one(p, item / kv_heads, item % kv_heads, scratch);
-    }
+    attend(q, batch, heads, head_dim, keys, values, kv_heads, tables, table_width, block_size, lengths, window, scale,
+           out);
+}
+
+void paged_decode_attention_bf16(const float* q, int batch, int heads, int head_dim, const uint16_t* keys,
+                                 const uint16_t* values, int kv_heads, const int64_t* tables, int table_width,
+                                 int block_size, const int64_t* lengths, int window, float scale, float* out) {
+    attend(q, batch, heads, head_dim, keys, values, kv_heads, tables, table_width, block_size, lengths, window, scale,
+           out);
 }
 
 }  // extern "C"

@@ -85,11 +85,24 @@ def test_shapes_that_do_not_fit_are_refused():
         paged_attention.decode(q, k, v[:, :, :32], tables, lens, BLOCK, 0.125)
 
 
-def test_usable_only_for_float32_cpu_tensors_with_the_setting_on(monkeypatch):
-    q, k, *_ = paged_problem([4])
+@pytest.mark.parametrize("window", [None, 9])
+def test_bfloat16_caches_give_the_float32_kernel_on_their_widened_values(window):
+    q, k, v, tables, lens = paged_problem([2, 45, 130], seed=7)
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    wide = paged_attention.decode(q, k16.float(), v16.float(), tables, lens, BLOCK, 0.125, window)
+    assert torch.equal(paged_attention.decode(q, k16, v16, tables, lens, BLOCK, 0.125, window), wide)
+    got = paged_attention.decode(q.bfloat16(), k16, v16, tables, lens, BLOCK, 0.125, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference(q.bfloat16().float(), k16.float(), v16.float(), tables, lens,
+                                                      0.125, window), rtol=1e-2, atol=1e-2)
+
+
+def test_usable_only_for_cpu_caches_it_reads_with_the_setting_on(monkeypatch):
+    q, k, v, *_ = paged_problem([4])
     monkeypatch.setenv("MOE_PAGED_ATTENTION", "1")
-    assert paged_attention.usable(q, k)
-    assert not paged_attention.usable(q.bfloat16(), k.bfloat16())
-    assert not paged_attention.usable(q[..., :12], k[..., :12])  # head size not a multiple of 8
+    assert paged_attention.usable(q, k, v)
+    assert paged_attention.usable(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not paged_attention.usable(q.half(), k.half(), v.half())
+    assert not paged_attention.usable(q[..., :12], k[..., :12], v[..., :12])  # head size not a multiple of 8
     monkeypatch.setenv("MOE_PAGED_ATTENTION", "0")
-    assert not paged_attention.usable(q, k)
+    assert not paged_attention.usable(q, k, v)

@@ -67,4 +67,25 @@ def test_linear_uses_panels_when_on_and_onednn_when_off(monkeypatch, forced_on):
     torch.testing.assert_close(on(x), off(x), rtol=1e-5, atol=1e-5)
     assert on(x).shape == (3, 2, 24)
     assert torch.equal(on.dense(), weight)
-    assert Linear(weight.bfloat16()).panels is None  # float32 only
+    assert Linear(weight.double()).panels is None  # float32 and bfloat16 only
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_bfloat16_weights_give_the_float32_kernel_on_their_widened_values(rows):
+    """bfloat16 panels only halve the bytes: the arithmetic is the float32 kernel's, bit for bit."""
+    torch.manual_seed(rows)
+    weight, bias, x = torch.randn(100, 96).bfloat16(), torch.randn(100), torch.randn(rows, 96)
+    half = panel_gemm.pack(weight)
+    assert half.dtype == torch.bfloat16 and torch.equal(panel_gemm.unpack(half, 100), weight)
+    assert torch.equal(panel_gemm.matmul(x, half, 100, bias), panel_gemm.matmul(x, panel_gemm.pack(weight.float()),
+                                                                                100, bias))
+
+
+def test_a_bfloat16_linear_takes_and_gives_bfloat16(forced_on):
+    torch.manual_seed(6)
+    weight, x = torch.randn(48, 32).bfloat16(), torch.randn(5, 32).bfloat16()
+    layer = Linear(weight)
+    assert layer.panels is not None and layer.dtype == torch.bfloat16
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), weight.float()), rtol=1e-2, atol=1e-2)
