@@ -75,7 +75,7 @@ class Linear:
         self.packed = None
         self.panels = None
         self.weight: torch.Tensor | None = weight
-        if pack is not False and panel_gemm.enabled_for(weight):
+        if pack is None and panel_gemm.enabled_for(weight):  # pack=True asks for oneDNN's layout
             self.panels = panel_gemm.pack(weight)
             self.bias = None if bias is None else bias.float().contiguous()
             self.weight = None

@@ -1,0 +1,108 @@
+"""The native kernels against torch's, side by side in one process, on bench-s shapes.
+
+    python -m bench.kernels [--threads 2] [--rows 1 4 8 16 32 64 256]
+
+Expert GEMMs: one expert's gate/up and down projections (512 -> 2x1408 -> 512) over 64 experts' weights in
+turn, so the weights come from memory as in a decode step; oneDNN's packed float32 layout against the
+panel GEMM with float32 and with bfloat16 weights. Decode attention: 32 sequences of 300 cached tokens over
+8 layers' caches; torch's block gather plus SDPA against the paged kernel. Best of interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moe_core import panel_gemm, paged_attention
+from moe_core.attention import decode_attention, decode_groups
+from moe_core.linear import Linear
+
+EXPERTS, HIDDEN, INTERMEDIATE = 64, 512, 1408
+ROUNDS = 5
+
+
+def best_of(fns: dict[str, callable]) -> dict[str, float]:
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def expert_gemms(rows: list[int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    ups = [torch.randn(2 * INTERMEDIATE, HIDDEN, generator=g) for _ in range(EXPERTS)]
+    downs = [torch.randn(HIDDEN, INTERMEDIATE, generator=g) for _ in range(EXPERTS)]
+    onednn = [(Linear(u, pack=True), Linear(d, pack=True)) for u, d in zip(ups, downs, strict=True)]
+    assert all(layer.packed is not None for pair in onednn for layer in pair), "oneDNN packing unavailable"
+    panels = {dtype: [(panel_gemm.pack(u.to(dtype)), panel_gemm.pack(d.to(dtype))) for u, d in zip(ups, downs,
+                                                                                                   strict=True)]
+              for dtype in (torch.float32, torch.bfloat16)}
+    weight_bytes = EXPERTS * 3 * HIDDEN * INTERMEDIATE * 4
+    print("| rows | oneDNN f32 ms/expert | panel f32 ms/expert | panel bf16-weight ms/expert | panel f32 / oneDNN "
+          "speed | panel f32 GB/s |")
+    print("|---|---|---|---|---|---|")
+    for m in rows:
+        x, h = torch.randn(m, HIDDEN), torch.randn(m, INTERMEDIATE)
+
+        def run_onednn():
+            for up, down in onednn:
+                up(x)
+                down(h)
+
+        def run_panels(dtype):
+            def run():
+                for up, down in panels[dtype]:
+                    panel_gemm.matmul(x, up, 2 * INTERMEDIATE)
+                    panel_gemm.matmul(h, down, HIDDEN)
+            return run
+
+        t = best_of({"onednn": run_onednn, "f32": run_panels(torch.float32), "bf16": run_panels(torch.bfloat16)})
+        per = {k: v / EXPERTS * 1e3 for k, v in t.items()}
+        print(f"| {m} | {per['onednn']:.3f} | {per['f32']:.3f} | {per['bf16']:.3f} | {t['onednn'] / t['f32']:.2f} | "
+              f"{weight_bytes / t['f32'] / 1e9:.1f} |")
+
+
+def decode_attention_calls(layers: int = 8, seqs: int = 32, context: int = 300, block: int = 16) -> None:
+    g = torch.Generator().manual_seed(1)
+    width = -(-context // block)
+    tables = torch.randperm(seqs * width, generator=g).view(seqs, width)
+    lengths = [context] * seqs
+    caches = [tuple(torch.randn(seqs * width * block, 2, 64, generator=g) for _ in range(2)) for _ in range(layers)]
+    q = torch.randn(seqs, 8, 64, generator=g)
+    groups = decode_groups(tables, lengths, block, 2 * 2 * 64 * 4)
+    lens = torch.tensor(lengths)
+
+    def torch_path():
+        for k, v in caches:
+            decode_attention(q, k, v, groups, block, 0.125)
+
+    def kernel():
+        for k, v in caches:
+            paged_attention.decode(q, k, v, tables, lens, block, 0.125)
+
+    t = best_of({"torch": torch_path, "kernel": kernel})
+    print(f"\ndecode attention, {seqs} sequences x {context} tokens, per layer: torch gather + SDPA "
+          f"{t['torch'] / layers * 1e3:.3f} ms, paged kernel {t['kernel'] / layers * 1e3:.3f} ms "
+          f"({t['torch'] / t['kernel']:.2f}x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 256])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if panel_gemm.library() is None or not paged_attention._kernels():
+        raise SystemExit("the native kernels cannot be built here (see the warning above)")
+    print(f"threads {args.threads}\n")
+    expert_gemms(args.rows)
+    decode_attention_calls()
+
+
+if __name__ == "__main__":
+    main()
