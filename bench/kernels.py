@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from moe_core import panel_gemm, paged_attention
+from moe_core import paged_attention, panel_gemm
 from moe_core.attention import decode_attention, decode_groups
 from moe_core.linear import Linear
 
@@ -49,12 +49,12 @@ def expert_gemms(rows: list[int]) -> None:
     for m in rows:
         x, h = torch.randn(m, HIDDEN), torch.randn(m, INTERMEDIATE)
 
-        def run_onednn():
+        def run_onednn(x=x, h=h):
             for up, down in onednn:
                 up(x)
                 down(h)
 
-        def run_panels(dtype):
+        def run_panels(dtype, x=x, h=h):
             def run():
                 for up, down in panels[dtype]:
                     panel_gemm.matmul(x, up, 2 * INTERMEDIATE)
