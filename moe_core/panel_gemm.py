@@ -68,5 +68,5 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | N
     if m:
         kernel = library().panel_gemm_bf16 if panels.dtype == torch.bfloat16 else library().panel_gemm
         kernel(x.data_ptr(), x.stride(0), m, x.shape[1], panels.data_ptr(),
-                             None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
+               None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
     return y
