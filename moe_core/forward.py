@@ -59,6 +59,7 @@ class StepBatch:
     block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     decode_lengths: list[int] = field(default_factory=list)  # [num_decode] context lengths, the new token included
     decode_groups: list[DecodeGroup] | None = None  # planned at the step's first layer, shared by all
+    decode_length_tensor: torch.Tensor | None = None  # decode_lengths as a tensor, made once per step
     # each prefill / decode row's result independent of the rest of the step (for the expert-output cache)
     invariant_prefill: bool = False
     invariant_decode: bool = False
@@ -156,8 +157,10 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     out = torch.empty_like(q)
     d = batch.num_decode
     if d and paged_attention.usable(q, cache_k, cache_v):  # batch-invariant by construction: serves both cases
-        out[:d] = paged_attention.decode(q[:d], cache_k, cache_v, batch.block_tables,
-                                         torch.tensor(batch.decode_lengths), block_size, scale, window)
+        if batch.decode_length_tensor is None:
+            batch.decode_length_tensor = torch.tensor(batch.decode_lengths)
+        out[:d] = paged_attention.decode(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_length_tensor,
+                                         block_size, scale, window)
     elif d and batch.invariant_decode:
         out[:d] = decode_attention_each(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_lengths,
                                         block_size, scale, window)

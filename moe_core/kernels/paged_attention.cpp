@@ -87,7 +87,7 @@ struct Problem {
 
 template <typename T>
 struct Scratch {  // per thread, reused across (sequence, KV head) items
-    std::vector<float> scores;
+    std::vector<float> scores, inv;
     std::vector<const T*> keys, values;
 };
 
@@ -133,7 +133,8 @@ void one(const Problem<T>& p, int b, int g, Scratch<T>& scratch) {
         const T* k = scratch.keys[t];
         for (int h = 0; h < group; h++) scores[(size_t)h * padded + t] = dot(q + h * d, k, d) * p.scale;
     }
-    std::vector<float> inv(group);
+    std::vector<float>& inv = scratch.inv;
+    inv.resize(group);
     for (int h = 0; h < group; h++) {
         float* s = scores + (size_t)h * padded;
         __m256 top = _mm256_set1_ps(-INFINITY);
