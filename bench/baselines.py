@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,7 @@ import torch
 
 from bench.driver import Result
 from bench.workload import Request
+from moe_serve.ports import free_port
 
 
 def run_transformers(model_dir: Path, requests: list[Request], concurrency: int, dtype: torch.dtype
@@ -145,9 +145,7 @@ class LlamaServer:
 def start_llama_server(work: Path, model_dir: Path, outtype: str, parallel: int, context_per_slot: int
                        ) -> LlamaServer:
     binary, model = llama_server(work), gguf(work, model_dir, outtype)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (work / f"llama-server-{outtype}.log").open("w")
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count() or 2),
             "-np", str(parallel), "-c", str(parallel * context_per_slot), "--no-webui"]

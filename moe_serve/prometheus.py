@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from moe_serve.launcher import LaunchError
+from moe_serve.ports import free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"  # in a source checkout
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -71,12 +71,6 @@ def write_local_config(cluster: dict[str, Any], path: str | Path, scrape_interva
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(local_config(cluster, scrape_interval, rules), indent=2) + "\n")
     return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def start_prometheus(run_dir: str | Path, cluster: dict[str, Any], port: int = 0, *, host: str = "127.0.0.1",

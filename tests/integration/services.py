@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import redis
 
 from moe_core.placement import ShardSpec, write_placement
 from moe_serve.launcher import ProcessGroup, Service
+from moe_serve.ports import free_port
 from tests.conftest import need_tool
 
 
@@ -92,12 +92,6 @@ class Cluster:
     def stop(self) -> None:
         self.group.stop()
         self.log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

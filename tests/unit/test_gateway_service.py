@@ -20,7 +20,8 @@ from gateway.errors import GatewayError
 from gateway.router_client import RouterPool, error_from_rpc
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import SERVER_ORIGIN
-from tests.unit.gateway_fakes import CREATED, FakeRouter, Harness, free_port
+from moe_serve.ports import free_port
+from tests.unit.gateway_fakes import CREATED, FakeRouter, Harness
 
 REPO = Path(__file__).resolve().parents[2]
 
