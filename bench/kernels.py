@@ -3,9 +3,10 @@
     python -m bench.kernels [--threads 2] [--rows 1 4 8 16 32 64 256]
 
 Expert GEMMs: one expert's gate/up and down projections (512 -> 2x1408 -> 512) over 64 experts' weights in
-turn, so the weights come from memory as in a decode step; oneDNN's packed float32 layout against the
-panel GEMM with float32 and with bfloat16 weights. Decode attention: 32 sequences of 300 cached tokens over
-8 layers' caches; torch's block gather plus SDPA against the paged kernel. Best of interleaved rounds.
+turn, so the weights come from memory as in a decode step; oneDNN's packed float32 and bfloat16 layouts
+against the panel GEMM with float32 and with bfloat16 weights. Decode attention: 32 sequences of 40-600
+cached tokens over 8 layers' caches, float32 and bfloat16; torch's block gather plus SDPA (batched in
+length groups, and one call per sequence) against the paged kernel. Best of interleaved rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import torch
 
 from moe_core import paged_attention, panel_gemm
-from moe_core.attention import decode_attention, decode_groups
+from moe_core.attention import decode_attention, decode_attention_each, decode_groups
 from moe_core.linear import Linear
 
 EXPERTS, HIDDEN, INTERMEDIATE = 64, 512, 1408
@@ -37,22 +38,27 @@ def expert_gemms(rows: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
     ups = [torch.randn(2 * INTERMEDIATE, HIDDEN, generator=g) for _ in range(EXPERTS)]
     downs = [torch.randn(HIDDEN, INTERMEDIATE, generator=g) for _ in range(EXPERTS)]
-    onednn = [(Linear(u, pack=True), Linear(d, pack=True)) for u, d in zip(ups, downs, strict=True)]
-    assert all(layer.packed is not None for pair in onednn for layer in pair), "oneDNN packing unavailable"
+    onednn = {dtype: [(Linear(u.to(dtype), pack=True), Linear(d.to(dtype), pack=True))
+                      for u, d in zip(ups, downs, strict=True)] for dtype in (torch.float32, torch.bfloat16)}
+    assert all(layer.packed is not None for pair in onednn[torch.float32] for layer in pair), "no oneDNN packing"
     panels = {dtype: [(panel_gemm.pack(u.to(dtype)), panel_gemm.pack(d.to(dtype))) for u, d in zip(ups, downs,
                                                                                                    strict=True)]
               for dtype in (torch.float32, torch.bfloat16)}
     weight_bytes = EXPERTS * 3 * HIDDEN * INTERMEDIATE * 4
-    print("| rows | oneDNN f32 ms/expert | panel f32 ms/expert | panel bf16-weight ms/expert | panel f32 / oneDNN "
-          "speed | panel f32 GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | oneDNN f32 ms/expert | panel f32 ms/expert | oneDNN bf16 ms/expert | panel bf16-weight ms/expert "
+          "| panel f32 / oneDNN f32 speed | panel f32 GB/s |")
+    print("|---|---|---|---|---|---|---|")
     for m in rows:
         x, h = torch.randn(m, HIDDEN), torch.randn(m, INTERMEDIATE)
 
-        def run_onednn(x=x, h=h):
-            for up, down in onednn:
-                up(x)
-                down(h)
+        def run_onednn(dtype, x=x, h=h):
+            xs, hs = x.to(dtype), h.to(dtype)
+
+            def run():
+                for up, down in onednn[dtype]:
+                    up(xs)
+                    down(hs)
+            return run
 
         def run_panels(dtype, x=x, h=h):
             def run():
@@ -61,34 +67,43 @@ def expert_gemms(rows: list[int]) -> None:
                     panel_gemm.matmul(h, down, HIDDEN)
             return run
 
-        t = best_of({"onednn": run_onednn, "f32": run_panels(torch.float32), "bf16": run_panels(torch.bfloat16)})
+        t = best_of({"onednn": run_onednn(torch.float32), "f32": run_panels(torch.float32),
+                     "onednn_bf16": run_onednn(torch.bfloat16), "bf16": run_panels(torch.bfloat16)})
         per = {k: v / EXPERTS * 1e3 for k, v in t.items()}
-        print(f"| {m} | {per['onednn']:.3f} | {per['f32']:.3f} | {per['bf16']:.3f} | {t['onednn'] / t['f32']:.2f} | "
-              f"{weight_bytes / t['f32'] / 1e9:.1f} |")
+        print(f"| {m} | {per['onednn']:.3f} | {per['f32']:.3f} | {per['onednn_bf16']:.3f} | {per['bf16']:.3f} | "
+              f"{t['onednn'] / t['f32']:.2f} | {weight_bytes / t['f32'] / 1e9:.1f} |")
 
 
-def decode_attention_calls(layers: int = 8, seqs: int = 32, context: int = 300, block: int = 16) -> None:
+def decode_attention_calls(dtype: torch.dtype, layers: int = 8, seqs: int = 32, block: int = 16) -> None:
+    """Contexts of 40-600 tokens (the bench workload's spread); torch's batched path (length groups), its
+    batch-invariant one (one SDPA call per sequence, what the expert-output cache needs), the paged kernel
+    (batch-invariant by construction)."""
     g = torch.Generator().manual_seed(1)
-    width = -(-context // block)
+    lengths = torch.randint(40, 601, (seqs,), generator=g).tolist()
+    width = -(-max(lengths) // block)
     tables = torch.randperm(seqs * width, generator=g).view(seqs, width)
-    lengths = [context] * seqs
-    caches = [tuple(torch.randn(seqs * width * block, 2, 64, generator=g) for _ in range(2)) for _ in range(layers)]
-    q = torch.randn(seqs, 8, 64, generator=g)
-    groups = decode_groups(tables, lengths, block, 2 * 2 * 64 * 4)
+    caches = [tuple(torch.randn(seqs * width * block, 2, 64, generator=g).to(dtype) for _ in range(2))
+              for _ in range(layers)]
+    q = torch.randn(seqs, 8, 64, generator=g).to(dtype)
+    groups = decode_groups(tables, lengths, block, 2 * 2 * 64 * dtype.itemsize)
     lens = torch.tensor(lengths)
 
-    def torch_path():
+    def batched():
         for k, v in caches:
             decode_attention(q, k, v, groups, block, 0.125)
+
+    def each():
+        for k, v in caches:
+            decode_attention_each(q, k, v, tables, lengths, block, 0.125)
 
     def kernel():
         for k, v in caches:
             paged_attention.decode(q, k, v, tables, lens, block, 0.125)
 
-    t = best_of({"torch": torch_path, "kernel": kernel})
-    print(f"\ndecode attention, {seqs} sequences x {context} tokens, per layer: torch gather + SDPA "
-          f"{t['torch'] / layers * 1e3:.3f} ms, paged kernel {t['kernel'] / layers * 1e3:.3f} ms "
-          f"({t['torch'] / t['kernel']:.2f}x)")
+    t = {k: v / layers * 1e3 for k, v in best_of({"batched": batched, "each": each, "kernel": kernel}).items()}
+    name = str(dtype).removeprefix("torch.")
+    print(f"| {name} | {t['batched']:.3f} | {t['each']:.3f} | {t['kernel']:.3f} | {t['batched'] / t['kernel']:.2f} | "
+          f"{t['each'] / t['kernel']:.2f} |")
 
 
 def main() -> None:
@@ -101,7 +116,12 @@ def main() -> None:
         raise SystemExit("the native kernels cannot be built here (see the warning above)")
     print(f"threads {args.threads}\n")
     expert_gemms(args.rows)
-    decode_attention_calls()
+    print("\ndecode attention, 32 sequences of 40-600 cached tokens, ms per layer\n")
+    print("| cache dtype | torch batched (groups) | torch per sequence | paged kernel | batched / kernel | "
+          "per sequence / kernel |")
+    print("|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        decode_attention_calls(dtype)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ torch's path gathers every sequence's blocks into a padded batch (a copy of all 
 values of the step, each layer) and then runs SDPA over it; this kernel reads the blocks where they
 lie, once. Each sequence's result depends only on its own query and cache, so one call serves both
 the batched and the batch-invariant decode (`attention.decode_attention_each`). `MOE_PAGED_ATTENTION`
-(auto | 1 | 0) as for every native kernel (`moe_core.native`).
+(auto | 1 | 0) as for every native kernel (`moe_core.native`); on `auto` it runs on every CPU with AVX2
+and FMA, AVX-512 ones included.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def usable(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> boo
     """Whether this step's decode attention can run here (CPU, a float32 or bfloat16 cache, head size a
     multiple of 8)."""
     return (q.device.type == "cpu" and cache_k.dtype in CACHE_DTYPES and q.shape[-1] % 8 == 0
-            and cache_k.is_contiguous() and cache_v.is_contiguous() and native.wanted(SETTING)
+            and cache_k.is_contiguous() and cache_v.is_contiguous()
+            and native.wanted(SETTING, beside_avx512=True)
             and _kernels() is not None)
 
 

@@ -37,6 +37,7 @@ def test_the_default_follows_the_cpu(monkeypatch):
     assert native.wanted("MOE_X")
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert not native.wanted("MOE_X")  # torch's AVX-512 kernels keep the job
+    assert native.wanted("MOE_X", beside_avx512=True)  # unless the kernel beats them there too
     monkeypatch.setenv("MOE_X", "1")
     assert native.wanted("MOE_X")
     monkeypatch.setenv("MOE_X", "0")
