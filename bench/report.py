@@ -6,12 +6,18 @@ One row per (configuration, concurrency): throughput, latency percentiles, dispa
 expert- and prefix-cache hit rates where measured, the services' CPU time per output token (with
 the share of the cores the hypervisor stole meanwhile); then peak RSS per service; then any requested
 ratios of output tokens/s (B over A, same concurrency, same run).
+
+A configuration that ran more than once (`moe-serve bench --rounds N`, or a name listed twice) has rounds
+1, 2, ... in the order they ran; the report then adds each configuration's median and range over its
+rounds, and a ratio is taken within each round (round i of B over round i of A, or A's last round where
+A ran fewer) and given as the median of those with every round's value beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 
@@ -52,17 +58,54 @@ def rss_table(report: dict) -> list[str]:
     return lines
 
 
+def by_round(report: dict) -> dict[str, list[dict[int, dict]]]:
+    """Configuration name -> its runs by concurrency, one dict per round, in the order they ran."""
+    rounds: dict[str, list[dict[int, dict]]] = {}
+    for config in report["configs"]:
+        rounds.setdefault(config["config"], []).append({r["concurrency"]: r for r in config["runs"]})
+    return rounds
+
+
+def spread_table(report: dict) -> list[str]:
+    """Median and range over rounds of output tok/s and TPOT p50, for configurations that ran more than once."""
+    repeated = {name: rounds for name, rounds in by_round(report).items() if len(rounds) > 1}
+    if not repeated:
+        return []
+    lines = ["| config | conc. | rounds | output tok/s median (min–max) | TPOT p50 ms median (min–max) |",
+             "|---|---|---|---|---|"]
+    for name, rounds in repeated.items():
+        for c in sorted({c for runs in rounds for c in runs}):
+            runs = [r[c] for r in rounds if c in r]
+            tput = [r["output_tok_s"] for r in runs]
+            tpot = [r["tpot_ms"]["p50"] for r in runs if r["tpot_ms"].get("p50") is not None]
+            lines.append(f"| {name} | {c} | {len(runs)} | {_spread(tput)} | {_spread(tpot) if tpot else '–'} |")
+    return lines
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
 def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
-    """`A:B` → B's output tok/s over A's at each concurrency both measured."""
-    by_name = {c["config"]: {r["concurrency"]: r for r in c["runs"]} for c in report["configs"]}
+    """`A:B` → B's output tok/s over A's at each concurrency both measured, within each round."""
+    rounds = by_round(report)
     lines = []
     for pair in pairs:
         base, other = pair.split(":")
-        if base not in by_name or other not in by_name:
-            raise SystemExit(f"{pair}: the report has no {base if base not in by_name else other}")
-        shared = sorted(set(by_name[base]) & set(by_name[other]))
-        parts = [f"c={c}: {by_name[other][c]['output_tok_s'] / by_name[base][c]['output_tok_s']:.2f}×"
-                 for c in shared if by_name[base][c]["output_tok_s"]]
+        if base not in rounds or other not in rounds:
+            raise SystemExit(f"{pair}: the report has no {base if base not in rounds else other}")
+        parts = []
+        for c in sorted({c for runs in rounds[other] for c in runs} & {c for runs in rounds[base] for c in runs}):
+            ratios = []
+            for i, runs in enumerate(rounds[other]):
+                against = rounds[base][min(i, len(rounds[base]) - 1)]
+                if c in runs and c in against and against[c]["output_tok_s"]:
+                    ratios.append(runs[c]["output_tok_s"] / against[c]["output_tok_s"])
+            if len(ratios) == 1:
+                parts.append(f"c={c}: {ratios[0]:.2f}×")
+            elif ratios:
+                each = ", ".join(f"{r:.2f}" for r in ratios)
+                parts.append(f"c={c}: {statistics.median(ratios):.2f}× (rounds {each})")
         lines.append(f"- {other} / {base} output tok/s: " + ", ".join(parts))
     return lines
 
@@ -70,7 +113,9 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
             f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
-    return "\n".join([head, "", *runs_table(report), "", *rss_table(report), "", *ratio_lines(report, pairs)]) + "\n"
+    spread = spread_table(report)
+    return "\n".join([head, "", *runs_table(report), "", *rss_table(report), "", *([*spread, ""] if spread else []),
+                      *ratio_lines(report, pairs)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

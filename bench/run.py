@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/bench-<time>.json)")
     p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the *-cache-redis configs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of configurations this many times, interleaved (A B A B), so each ratio "
+                        "is measured side by side in every round and the report gives its spread")
 
 
 def _config_name(name: str) -> str:
@@ -166,6 +169,8 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
     cfg = load_config(model)
     workloads = {c: level_workload(args, cfg.vocab_size, c) for c in sorted(args.concurrency)}
@@ -175,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
                   "repeat_fraction": args.repeat_fraction, "seed": args.seed,
                   "level_seeds": {c: level_seed(args, c) for c in sorted(args.concurrency)}},
-              "configs": [bench_config(name, model, args, workloads) for name in args.configs]}
+              "rounds": args.rounds, "configs": [bench_config(name, model, args, workloads) | {"round": r}
+                                                 for r in range(1, args.rounds + 1) for name in args.configs]}
     out = args.out or args.work_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -199,8 +205,9 @@ def plot(report: dict, path: Path) -> None:
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
     for config in report["configs"]:
         xs = [r["concurrency"] for r in config["runs"]]
-        tput.plot(xs, [r["output_tok_s"] for r in config["runs"]], marker="o", label=config["config"])
-        ttft.plot(xs, [r["ttft_ms"]["p50"] for r in config["runs"]], marker="o", label=config["config"])
+        label = config["config"] + (f" (round {config['round']})" if report.get("rounds", 1) > 1 else "")
+        tput.plot(xs, [r["output_tok_s"] for r in config["runs"]], marker="o", label=label)
+        ttft.plot(xs, [r["ttft_ms"]["p50"] for r in config["runs"]], marker="o", label=label)
     for axis, label in ((tput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrency")
