@@ -109,10 +109,10 @@ class Running:
             out[service["name"]] = round(kib / 1024, 1)
         return out
 
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time of every service so far: unlike wall time, what a change costs in
-        work, whatever else the machine does (bench/RESULTS.md; these machines are shared)."""
-        return sum(process_cpu_seconds(service["pid"]) for service in self.cluster["services"])
+    def cpu_seconds(self) -> dict[str, float]:
+        """User plus system CPU time of each service so far, by name: unlike wall time, what a change
+        costs in work, whatever else the machine does (bench/RESULTS.md; these machines are shared)."""
+        return {service["name"]: process_cpu_seconds(service["pid"]) for service in self.cluster["services"]}
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -4,7 +4,9 @@
 
 One row per (configuration, concurrency): throughput, latency percentiles, dispatch time and the
 expert- and prefix-cache hit rates where measured, the services' CPU time per output token (with
-the share of the cores the hypervisor stole meanwhile); then peak RSS per service; then any requested
+the share of the cores the hypervisor stole meanwhile); then peak RSS per service; then CPU per token by
+service and the share of the machine's core-seconds the services used (OpenMP's bounded spin counts as
+used: a share below 1 is cores idle, or given to others); then any requested
 ratios of output tokens/s (B over A, same concurrency, same run).
 
 A configuration that ran more than once (`moe-serve bench --rounds N`, or a name listed twice) has rounds
@@ -56,6 +58,18 @@ def rss_table(report: dict) -> list[str]:
         rss = ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(config.get("peak_rss_mib", {}).items()))
         lines.append(f"| {config['config']} | {rss or '–'} |")
     return lines
+
+
+def cpu_table(report: dict) -> list[str]:
+    """Where each run's CPU went, by service, and the share of the machine's core-seconds used in all."""
+    lines = ["| config | conc. | CPU ms/token by service | cores busy |", "|---|---|---|---|"]
+    for config in report["configs"]:
+        for run in config["runs"]:
+            if run.get("cpu_ms_per_token_by_service"):
+                cpu = ", ".join(f"{name} {ms}" for name, ms in sorted(run["cpu_ms_per_token_by_service"].items()))
+                busy = _cell(run.get("busy_fraction"))
+                lines.append(f"| {config['config']} | {run['concurrency']} | {cpu} | {busy} |")
+    return lines if len(lines) > 2 else []
 
 
 def by_round(report: dict) -> dict[str, list[dict[int, dict]]]:
@@ -113,8 +127,8 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
             f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
-    spread = spread_table(report)
-    return "\n".join([head, "", *runs_table(report), "", *rss_table(report), "", *([*spread, ""] if spread else []),
+    tables = [runs_table(report), rss_table(report), cpu_table(report), spread_table(report)]
+    return "\n".join([head, "", *(line for table in tables if table for line in [*table, ""]),
                       *ratio_lines(report, pairs)]) + "\n"
 
 

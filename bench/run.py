@@ -113,11 +113,17 @@ def bench_external(name: str, model: Path, args, workloads: dict[int, list]) -> 
     return {"config": name, "runs": runs, "peak_rss_mib": rss}
 
 
-def cpu_summary(cpu: float, steal: float, wall: float, summary: dict) -> dict:
-    """The services' CPU time per output token, and the share of the machine's cores stolen meanwhile."""
-    tokens = summary["output_tokens"]
+def cpu_summary(before: dict[str, float], after: dict[str, float], steal: float, wall: float, summary: dict) -> dict:
+    """The services' CPU time per output token, in all and by service; the share of the machine's core-seconds
+    they used (below 1: cores idle, or given to others) and the share the hypervisor stole meanwhile."""
+    tokens, cores = summary["output_tokens"], os.cpu_count() or 1
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    cpu = sum(used.values())
     return {"cpu_ms_per_token": round(1e3 * cpu / tokens, 2) if tokens else None,
-            "steal_fraction": round(steal / (wall * (os.cpu_count() or 1)), 3) if wall else None}
+            "cpu_ms_per_token_by_service": {name: round(1e3 * s / tokens, 2) for name, s in used.items()}
+            if tokens else {},
+            "busy_fraction": round(cpu / (wall * cores), 3) if wall else None,
+            "steal_fraction": round(steal / (wall * cores), 3) if wall else None}
 
 
 def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
@@ -148,7 +154,7 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
                 results, wall = asyncio.run(run_load(running.url, model_name, requests, concurrency, bar))
             after = running.dispatch()
             summary = summarize(results, wall) | {"concurrency": concurrency}
-            summary |= cpu_summary(running.cpu_seconds() - cpu, steal_seconds() - steal, wall, summary)
+            summary |= cpu_summary(cpu, running.cpu_seconds(), steal_seconds() - steal, wall, summary)
             calls = after.calls - before.calls
             if calls:
                 seconds = after.seconds - before.seconds

@@ -32,6 +32,10 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
                 assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
             assert run["ttft_ms"]["p50"] < run["e2e_ms"]["p50"]
             assert run["cpu_ms_per_token"] > 0 and 0 <= run["steal_fraction"] < 1
+            by_service = run["cpu_ms_per_token_by_service"]
+            assert set(by_service) == set(config["peak_rss_mib"]) and by_service["gateway"] > 0
+            assert abs(sum(by_service.values()) - run["cpu_ms_per_token"]) < 0.01 * len(by_service)
+            assert 0 < run["busy_fraction"] <= 1.05  # CPU time of the services over the machine's core-seconds
             prefix = run["cache"]
             assert prefix["prefix_query_tokens"] > 0 and 0 <= prefix["prefix_hit_rate"] <= 1
     # repeated prompts reuse their KV blocks (the prefix cache is on by default)
@@ -42,8 +46,10 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
 
     table = render(report, ["local:cluster-2"])
     rows = [line for line in table.splitlines() if line.startswith(("| local |", "| cluster-2 |"))]
-    assert len(rows) == 2 * 2 + 2  # one per (config, concurrency), one RSS row per config
+    assert len(rows) == 2 * 2 + 2 + 2 * 2  # runs and CPU by service per (config, concurrency); RSS per config
     assert "- cluster-2 / local output tok/s: c=1: " in table and "c=3: " in table
+    cpu_rows = [line for line in table.splitlines() if line.startswith("| cluster-2 | 3 | expert 0.0 ")]
+    assert len(cpu_rows) == 1 and "router 0 " in cpu_rows[0]  # CPU per token by service
 
 
 def test_dispatch_bench_measures_both_transports(demo_model, tmp_path):

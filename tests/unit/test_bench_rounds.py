@@ -79,3 +79,16 @@ def test_rounds_below_one_are_refused(tiny_checkpoint, tmp_path):
                               "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--rounds must be at least 1"):
         bench.run.run(args)
+
+
+def test_cpu_summary_splits_cpu_by_service_and_gives_the_busy_share(monkeypatch):
+    monkeypatch.setattr(bench.run.os, "cpu_count", lambda: 2)
+    before = {"router 0": 10.0, "expert 0.0": 4.0, "gateway": 1.0}
+    after = {"router 0": 11.0, "expert 0.0": 4.5, "gateway": 1.1}
+    summary = bench.run.cpu_summary(before, after, 0.2, 1.0, {"output_tokens": 100})
+    assert summary["cpu_ms_per_token_by_service"] == {"router 0": 10.0, "expert 0.0": 5.0, "gateway": 1.0}
+    assert summary["cpu_ms_per_token"] == 16.0
+    assert summary["busy_fraction"] == 0.8 and summary["steal_fraction"] == 0.1
+    report = _report([("cluster-2", {32: 100.0})])
+    report["configs"][0]["runs"][0] |= summary
+    assert "| cluster-2 | 32 | expert 0.0 5.0, gateway 1.0, router 0 10.0 | 0.8 |" in render(report, [])
