@@ -13,6 +13,9 @@ any torch work, so loading runs there single-threaded) and the engine thread tak
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 _DEFAULT = torch.get_num_threads()  # torch's own choice (the cores it may use), before anyone changed it
@@ -31,3 +34,23 @@ def serial_main_thread() -> None:
 def use_threads(count: int) -> None:
     """Give the calling thread `count` intra-op threads (the setting is per thread under OpenMP)."""
     torch.set_num_threads(count)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on the calling thread alone, then give it back its thread count.
+
+    For short ops at moments when the other cores are likely busy (a layer step's combine, right as
+    the last shard's reply lands while that shard's process still runs): an OpenMP op waits at its
+    barriers for every worker, and a worker whose core is taken waits for the scheduler. torch's
+    `index_add_` sorts its index in parallel passes, one barrier each: 32 rows took 4.5 ms instead of
+    0.13 ms beside one busy process on a 2-core machine (bench/RESULTS.md, "The combine's barriers")."""
+    count = torch.get_num_threads()
+    if count == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)

@@ -27,6 +27,7 @@ from moe_core.errors import UnavailableError
 from moe_core.forward import ExpertCall
 from moe_core.pb import expert_pb2
 from moe_core.rpc import StatusError, Tls
+from moe_core.threads import one_thread
 from router_service.data_link import DataLink, data_address
 from router_service.expert_backend import ExpertBackend
 from router_service.metrics import DispatchMetrics
@@ -162,10 +163,12 @@ class _Pending:
         if len(self.parts) == 1 and len(self.parts[0].rows) == x.shape[0]:  # one shard had every row, in order
             out = codec.decode(responses[0].output, "output").to(x.device, x.dtype)
         else:
-            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            for part, response in zip(self.parts, responses, strict=True):
-                out.index_add_(0, part.rows.to(x.device), codec.decode(response.output, "output").to(x.device).float())
-            out = out.to(x.dtype)
+            with one_thread():  # the last shard's process may still hold a core (moe_core/threads.py)
+                out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                for part, response in zip(self.parts, responses, strict=True):
+                    out.index_add_(0, part.rows.to(x.device),
+                                   codec.decode(response.output, "output").to(x.device).float())
+                out = out.to(x.dtype)
         self.backend._account(self.layer, self.parts, responses, time.perf_counter() - self.started)
         return out
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
-from moe_core.threads import compute_threads, serial_main_thread, use_threads
+from moe_core.threads import compute_threads, one_thread, serial_main_thread, use_threads
 
 
 def test_zero_means_torch_default_and_a_count_is_kept():
@@ -33,6 +34,20 @@ def test_serial_main_thread_runs_single_threaded():
     try:
         serial_main_thread()
         assert torch.get_num_threads() == 1
+    finally:
+        use_threads(before)
+
+
+def test_one_thread_runs_its_block_serially_and_gives_the_count_back_even_on_error():
+    before = torch.get_num_threads()
+    try:
+        use_threads(2)
+        with one_thread():
+            inside = torch.get_num_threads()
+        assert inside == 1 and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            raise RuntimeError("a failed combine")
+        assert torch.get_num_threads() == 2
     finally:
         use_threads(before)
 
