@@ -193,16 +193,17 @@ class GrpcExperts(ExpertBackend):
         if _running_loop() is self.loop:
             raise RuntimeError("GrpcExperts must be called off the event loop's thread (it blocks on it)")
         started = time.perf_counter()
-        parts = self.map.split(call.layer, call.ids, call.weights)
         flights, by_grpc = [], []
-        for part in parts:  # a data-plane message goes out before the next one is built
-            request = self._request(call.layer, call.x, part, call.request_ids)
-            replica = part.shard.pick(exclude=set()) if self.data_plane else None
-            if replica is not None and replica.data_port:
-                flights.append(_Flight(self, part.shard, replica, request, len(part.rows)))
-            else:
-                flights.append(None)
-                by_grpc.append((part, request))
+        with one_thread():  # the shards sent to first compute meanwhile, on the other cores (moe_core/threads.py)
+            parts = self.map.split(call.layer, call.ids, call.weights)
+            for part in parts:  # a data-plane message goes out before the next one is built
+                request = self._request(call.layer, call.x, part, call.request_ids)
+                replica = part.shard.pick(exclude=set()) if self.data_plane else None
+                if replica is not None and replica.data_port:
+                    flights.append(_Flight(self, part.shard, replica, request, len(part.rows)))
+                else:
+                    flights.append(None)
+                    by_grpc.append((part, request))
         future = None
         if by_grpc:
             future = asyncio.run_coroutine_threadsafe(self._gather(*zip(*by_grpc, strict=True)), self.loop)
