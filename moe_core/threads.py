@@ -40,8 +40,9 @@ def use_threads(count: int) -> None:
 def one_thread() -> Iterator[None]:
     """Run the enclosed torch ops on the calling thread alone, then give it back its thread count.
 
-    For short ops at moments when the other cores are likely busy (a layer step's combine, right as
-    the last shard's reply lands while that shard's process still runs): an OpenMP op waits at its
+    For short ops at moments when the other cores are likely busy (a cluster router's split and sends
+    while the first shards compute, its combine right as the last shard's reply lands while that
+    shard's process still runs): an OpenMP op waits at its
     barriers for every worker, and a worker whose core is taken waits for the scheduler. torch's
     `index_add_` sorts its index in parallel passes, one barrier each: 32 rows took 4.5 ms instead of
     0.13 ms beside one busy process on a 2-core machine (bench/RESULTS.md, "The combine's barriers")."""
