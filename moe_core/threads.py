@@ -41,15 +41,12 @@ def one_thread() -> Iterator[None]:
     """Run the enclosed torch ops on the calling thread alone, then give it back its thread count.
 
     For short ops at moments when the other cores are likely busy (a cluster router's split and sends
-    while the first shards compute, its combine right as the last shard's reply lands while that
-    shard's process still runs): an OpenMP op waits at its
-    barriers for every worker, and a worker whose core is taken waits for the scheduler. torch's
-    `index_add_` sorts its index in parallel passes, one barrier each: 32 rows took 4.5 ms instead of
-    0.13 ms beside one busy process on a 2-core machine (bench/RESULTS.md, "The combine's barriers")."""
+    while the first shards compute, its combine as the last shard's process still runs): an OpenMP op
+    waits at its barriers for every worker, and a worker whose core is taken waits for the scheduler.
+    torch's `index_add_` sorts its index in parallel passes, a barrier each: a 32-row combine took
+    3.2 ms on two threads and 0.5 ms on one beside a busy process on a 2-core machine
+    (bench/RESULTS.md, "The combine's barriers")."""
     count = torch.get_num_threads()
-    if count == 1:
-        yield
-        return
     torch.set_num_threads(1)
     try:
         yield
