@@ -113,8 +113,8 @@ def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec]
 # waiting (with a one-thread router beside expert slices) on cluster-2 and cluster-2-layers
 # (bench/RESULTS.md, "A bounded spin"). One process alone (the router with local experts) keeps the
 # default. A wait setting the user made wins. The count is of `pause` rounds, whose latency depends on
-# the CPU (≈ 25 ns on the Xeons we measured, so 30,000 spun 0.75 ms: longer than a layer's expert round
-# trip at concurrency 1, so a waiting router's worker held a core the shards needed). 3,000 (≈ 75 µs)
+# the CPU (≈ 25 ns on the Xeons we measured, so 30,000 spun 0.75 ms of a layer's ≈ 2.7 ms expert
+# round trip at concurrency 1, and a waiting router's worker held a core the shards needed). 3,000 (≈ 75 µs)
 # gave 1.12x at concurrency 1 and 1.05x at 32 on cluster-2 (bench/RESULTS.md, "The spin's length").
 SPIN_COUNT = 3_000
 _USER_WAIT = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
