@@ -44,20 +44,21 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         for payload in messages:
-            self.transport.write(frames.pack(self._answer(payload).SerializeToString()))
+            for buffer in self._answer(payload).buffers():  # the transport copies only what the socket won't take
+                self.transport.write(buffer)
 
-    def _answer(self, payload: bytes) -> expert_pb2.ExpertResponse:
+    def _answer(self, payload: bytes) -> frames.Outgoing:
         try:
             request = expert_pb2.ExpertRequest.FromString(payload)
         except DecodeError as exc:
-            return expert_pb2.ExpertResponse(error=expert_pb2.Error(
-                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"not an ExpertRequest: {exc}"))
+            return frames.Outgoing(expert_pb2.ExpertResponse(error=expert_pb2.Error(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"not an ExpertRequest: {exc}")))
         try:
             return self.servicer.answer(request)
         except Exception:  # a bug must cost this message, not the connection or the process
             log.exception("data plane: layer %d step %d failed", request.layer, request.step_id)
-            return expert_pb2.ExpertResponse(step_id=request.step_id, error=expert_pb2.Error(
-                code=grpc.StatusCode.INTERNAL.value[0], message="internal error in the expert service"))
+            return frames.Outgoing(expert_pb2.ExpertResponse(step_id=request.step_id, error=expert_pb2.Error(
+                code=grpc.StatusCode.INTERNAL.value[0], message="internal error in the expert service")))
 
     def _peer(self) -> str:
         return str(self.transport.get_extra_info("peername")) if self.transport else "?"

@@ -13,6 +13,7 @@ import logging
 
 from expert_service.metrics import ExpertMetrics
 from expert_service.shard import ExpertShard
+from moe_core import frames
 from moe_core.pb import expert_pb2, expert_pb2_grpc
 from moe_core.rpc import StatusError
 
@@ -23,14 +24,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, shard: ExpertShard, metrics: ExpertMetrics | None = None):
         self.shard, self.metrics = shard, metrics
 
-    def run(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+    def run(self, request: expert_pb2.ExpertRequest) -> frames.Outgoing:
         """One message's answer; raises StatusError for a request it refuses."""
         try:
-            response = self.shard.forward(request)
+            outgoing = self.shard.forward(request)
         except StatusError as exc:
             if self.metrics:
                 self.metrics.requests.labels(exc.code.name).inc()
             raise
+        response = outgoing.message
         if log.isEnabledFor(logging.DEBUG):
             log.debug("layer %d step %d: %d rows in %.2f ms", request.layer, request.step_id,
                       request.hidden.shape[0] if request.hidden.shape else 0, 1e3 * response.compute_seconds,
@@ -39,22 +41,22 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             self.metrics.requests.labels("OK").inc()
             self.metrics.forward.labels(str(request.layer)).observe(response.compute_seconds)
             self.metrics.rows.observe(request.hidden.shape[0] if request.hidden.shape else 0)
-        return response
+        return outgoing
 
-    def answer(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+    def answer(self, request: expert_pb2.ExpertRequest) -> frames.Outgoing:
         """One message's answer on a stream: a refused message gets `error` set and the stream stays open."""
         try:
             return self.run(request)
         except StatusError as exc:
-            return expert_pb2.ExpertResponse(step_id=request.step_id,
-                                             error=expert_pb2.Error(code=exc.code.value[0], message=exc.message))
+            return frames.Outgoing(expert_pb2.ExpertResponse(
+                step_id=request.step_id, error=expert_pb2.Error(code=exc.code.value[0], message=exc.message)))
 
     async def Forward(self, request, context):
-        return self.run(request)
+        return self.run(request).whole()
 
     async def ForwardStream(self, request_iterator, context):
         async for request in request_iterator:
-            yield self.answer(request)
+            yield self.answer(request).whole()
 
     async def Describe(self, request, context):
         return self.shard.describe()

@@ -7,7 +7,7 @@ import time
 import grpc
 import torch
 
-from moe_core import codec
+from moe_core import codec, frames
 from moe_core.config import MoeConfig
 from moe_core.dtypes import NAMES
 from moe_core.experts import UnknownExpertError, expert_forward
@@ -27,7 +27,8 @@ class ExpertShard:
         self.rows = [[0] * cfg.num_experts for _ in range(cfg.num_hidden_layers)]  # [layer][expert] rows computed
         self.data_port = 0  # set once the data plane listens
 
-    def forward(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
+    def forward(self, request: expert_pb2.ExpertRequest) -> frames.Outgoing:
+        """The ExpertResponse, its output rows kept apart (the data plane writes them from the tensor)."""
         started = time.perf_counter()
         hidden, ids, weights = self._inputs(request)
         with torch.inference_mode():
@@ -37,8 +38,10 @@ class ExpertShard:
                                      count_into=self.rows[request.layer])
             except UnknownExpertError as exc:
                 raise StatusError(INVALID, f"shard {self.shard_id}: {exc}") from None
-        return expert_pb2.ExpertResponse(step_id=request.step_id, output=codec.encode(out.to(hidden.dtype)),
-                                         compute_seconds=time.perf_counter() - started)
+        output, raw = codec.encode_apart(out.to(hidden.dtype))
+        response = expert_pb2.ExpertResponse(step_id=request.step_id, output=output,
+                                             compute_seconds=time.perf_counter() - started)
+        return frames.Outgoing(response, "output", raw)
 
     def _inputs(self, request: expert_pb2.ExpertRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if request.model_revision != self.revision:

@@ -28,11 +28,22 @@ class CodecError(ValueError):
 
 
 def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+    message, raw = encode_apart(tensor)
+    message.data = raw.tobytes()
+    return message
+
+
+def encode_apart(tensor: torch.Tensor) -> tuple[tensor_pb2.Tensor, memoryview]:
+    """The tensor's dtype and shape as a message without `data`, and its bytes as a view of its memory.
+
+    For a data plane that writes the bytes to the socket straight from the tensor (moe_core/frames.py):
+    putting 1.5 MB into a message and serializing it costs four copies (≈ 1 ms) on the router."""
     if tensor.dtype not in TO_WIRE:
         raise CodecError(f"dtype {tensor.dtype} cannot be sent; use one of {list(TO_WIRE)}")
     cpu = tensor.detach().contiguous().cpu()
     raw = cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu  # numpy has no bfloat16
-    return tensor_pb2.Tensor(dtype=TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=raw.numpy().tobytes())
+    data = memoryview(raw.reshape(-1).numpy()).cast("B")  # the view keeps the array, the array the tensor, alive
+    return tensor_pb2.Tensor(dtype=TO_WIRE[tensor.dtype], shape=list(tensor.shape)), data
 
 
 def decode(message: tensor_pb2.Tensor, name: str = "tensor", dtype: torch.dtype | None = None,
@@ -52,12 +63,13 @@ def decode(message: tensor_pb2.Tensor, name: str = "tensor", dtype: torch.dtype 
     for d in shape:
         numel *= d
     itemsize = torch.empty(0, dtype=got).element_size()
-    if len(message.data) != numel * itemsize:
-        raise CodecError(f"{name}: {len(message.data)} bytes for shape {shape} of {_name(got)} "
+    data = message.data  # each read of a bytes field is a new copy of it
+    if len(data) != numel * itemsize:
+        raise CodecError(f"{name}: {len(data)} bytes for shape {shape} of {_name(got)} "
                          f"(expected {numel * itemsize})")
     if numel == 0:
         return torch.empty(shape, dtype=got)
-    return torch.frombuffer(message.data, dtype=got).view(shape)
+    return torch.frombuffer(data, dtype=got).view(shape)
 
 
 def _name(dtype: torch.dtype) -> str:

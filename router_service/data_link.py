@@ -37,8 +37,8 @@ class DataLink:
         self.broken = False
         self.unreachable = False  # the first connect failed: the advertised port may not be routable from here
 
-    def send(self, request: expert_pb2.ExpertRequest) -> None:
-        payload = frames.pack(request.SerializeToString())
+    def send(self, request: expert_pb2.ExpertRequest | frames.Outgoing) -> None:
+        buffers = (request if isinstance(request, frames.Outgoing) else frames.Outgoing(request)).buffers()
         try:
             if self.broken:
                 raise OSError("link closed")
@@ -48,7 +48,7 @@ class DataLink:
                 except OSError:
                     self.unreachable = True
                     raise
-            self._sock.sendall(payload)
+            frames.send(self._sock, buffers)
         except OSError as exc:
             raise self._fail(grpc.StatusCode.UNAVAILABLE, f"data plane {self.host}:{self.port}: {exc}") from None
 

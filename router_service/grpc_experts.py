@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from moe_core import codec
+from moe_core import codec, frames
 from moe_core.config import MoeConfig
 from moe_core.errors import UnavailableError
 from moe_core.forward import ExpertCall
@@ -91,8 +91,7 @@ class _Flight:
 
     __slots__ = ("backend", "fallback", "link", "replica", "request", "rows", "shard", "started")
 
-    def __init__(self, backend: GrpcExperts, shard: Shard, replica: Replica, request: expert_pb2.ExpertRequest,
-                 rows: int):
+    def __init__(self, backend: GrpcExperts, shard: Shard, replica: Replica, request: frames.Outgoing, rows: int):
         self.backend, self.shard, self.replica, self.request, self.rows = backend, shard, replica, request, rows
         self.link = backend._link(replica)
         self.started = time.perf_counter()
@@ -111,18 +110,18 @@ class _Flight:
         backend, replica = self.backend, self.replica
         if self.fallback:
             replica.link_outstanding -= 1
-            return asyncio.run_coroutine_threadsafe(backend._call(self.shard, self.request, self.rows),
+            return asyncio.run_coroutine_threadsafe(backend._call(self.shard, self.request.whole(), self.rows),
                                                     backend.loop).result()
         try:
             if self.link is None:
                 raise ReplicaError(grpc.StatusCode.UNAVAILABLE, f"data plane of {replica.address} refused the step")
-            response = self.link.receive(self.request.step_id)
+            response = self.link.receive(self.request.message.step_id)
         except ReplicaError as exc:
             backend._error(self.shard, replica, exc.code)
             replica.mark_down(str(exc))
             backend.stats.retries += 1
             log.warning("expert shard %s: %s, retrying the step elsewhere", self.shard.shard_id, exc)
-            retry = backend._call(self.shard, self.request, self.rows, tried={replica})
+            retry = backend._call(self.shard, self.request.whole(), self.rows, tried={replica})
             return asyncio.run_coroutine_threadsafe(retry, backend.loop).result()
         finally:
             replica.link_outstanding -= 1
@@ -203,7 +202,7 @@ class GrpcExperts(ExpertBackend):
                     flights.append(_Flight(self, part.shard, replica, request, len(part.rows)))
                 else:
                     flights.append(None)
-                    by_grpc.append((part, request))
+                    by_grpc.append((part, request.whole()))
         future = None
         if by_grpc:
             future = asyncio.run_coroutine_threadsafe(self._gather(*zip(*by_grpc, strict=True)), self.loop)
@@ -219,12 +218,13 @@ class GrpcExperts(ExpertBackend):
             link = replica.link = DataLink(host, port, self.timeout, self.tls)
         return link
 
-    def _request(self, layer: int, x: torch.Tensor, part: Part, request_ids: list[str] = ()
-                 ) -> expert_pb2.ExpertRequest:
-        return expert_pb2.ExpertRequest(model_revision=self.revision, layer=layer,
-                                        hidden=codec.encode(x[part.rows.to(x.device)]),
-                                        expert_ids=codec.encode(part.ids), expert_weights=codec.encode(part.weights),
-                                        step_id=next(self._steps), request_ids=request_ids)
+    def _request(self, layer: int, x: torch.Tensor, part: Part, request_ids: list[str] = ()) -> frames.Outgoing:
+        """The shard's message, its hidden rows kept apart: written from the gathered tensor itself."""
+        hidden, raw = codec.encode_apart(x[part.rows.to(x.device)])
+        request = expert_pb2.ExpertRequest(model_revision=self.revision, layer=layer, hidden=hidden,
+                                           expert_ids=codec.encode(part.ids), expert_weights=codec.encode(part.weights),
+                                           step_id=next(self._steps), request_ids=request_ids)
+        return frames.Outgoing(request, "hidden", raw)
 
     def _account(self, layer: int, parts: list[Part], responses: list, seconds: float) -> None:
         with self._lock:
