@@ -66,6 +66,7 @@ class StepBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # rows whose next-token logits are wanted
     request_ids: list[str] = field(default_factory=list)  # the requests in the step, for logs downstream
+    step_id: int = -1  # tells one step's layers from the next step's (the engine counts them); -1: unknown
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ExpertCall:
     ids: torch.Tensor
     num_decode: int = 0  # rows [0, num_decode) are decode tokens, the rest prompt tokens
     request_ids: list[str] = field(default_factory=list)
+    step_id: int = -1  # the same for every layer of one step's batch, in the same row order; -1: unknown
 
 
 class ExpertHandle(Protocol):
@@ -101,7 +103,7 @@ def layer_program(model: DenseModel, kv: list[KvLayer], block_size: int, batch: 
             h = h + swiglu(x, layer.mlp)
             continue
         weights, ids = route(model.cfg, layer.router, x)
-        out = yield ExpertCall(index, x, weights, ids, batch.num_decode, batch.request_ids)
+        out = yield ExpertCall(index, x, weights, ids, batch.num_decode, batch.request_ids, batch.step_id)
         if layer.shared is not None:
             out = out + shared_expert(layer, x)
         h = h + out

@@ -8,7 +8,7 @@ Redis is optional and fail-open: a lookup that errors or times out, or a value o
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
 a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
 period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
-thread, one scripted command per layer step with a TTL, off the critical path.
+thread, one scripted command with a TTL for what the layer steps queued meanwhile, off the critical path.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import xxhash
 log = logging.getLogger(__name__)
 
 ENTRY_OVERHEAD = 120  # bytes per entry beyond the value: key string, dict slot, bytes object headers
+MAX_WRITE_KEYS = 4096  # rows per write command, when queued layer steps are merged into one
 MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
 
 
@@ -139,13 +140,30 @@ class RedisCache:
                 self._writes.put_nowait(items)
 
     def _write_loop(self) -> None:
-        while (items := self._writes.get()) is not None:
+        stopping = False
+        while not stopping:
+            items = self._writes.get()
+            taken = 1
+            if items is None:
+                break
+            # what queued up meanwhile (the next layers' rows) goes in the same command
+            while len(items) < MAX_WRITE_KEYS:
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                if more is None:
+                    stopping = True
+                    break
+                items = items + more
             try:
                 self._set_all(keys=[key for key, _ in items], args=[self.ttl_s, *(value for _, value in items)])
             except Exception as exc:  # any failure of the cache must only cost the write
                 self._failed(exc)
             finally:
-                self._writes.task_done()
+                for _ in range(taken):
+                    self._writes.task_done()
 
     def flush(self) -> None:
         """Wait until every queued write has been sent (or failed)."""

@@ -7,12 +7,19 @@ both tiers. A hit is the exact bytes the experts returned when the row was first
 
 Rows with the same key in one step (a request and its repeat prefilled or decoding side by side, so
 neither has been written yet) are looked up and computed once and shared: counted as result "shared".
+
+Redis is asked about a row at a step's later layers only if it did not lack the row at the step's first
+layer: a later layer's input row is a function of the earlier layers' rows of the same tokens, so a row
+nobody stored at the first layer was not stored at the next ones either (short of eviction, which costs
+a hit, never a wrong row). A step of new tokens then pays one Redis round trip instead of one per layer.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -20,6 +27,8 @@ from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import LATENCY_BUCKETS
 from router_service.cache import CacheConfig, LocalCache, RedisCache, row_keys
 from router_service.expert_backend import ExpertBackend, WrappedBackend
+
+COLD_STEPS = 4  # steps whose first-layer Redis misses are kept (two overlapped micro-batches at most in flight)
 
 
 class CacheMetrics:
@@ -45,6 +54,7 @@ class CachedExperts(WrappedBackend):
             else None
         self.metrics = CacheMetrics(registry, self.local) if registry is not None else None
         self.dispatched_rows = 0  # rows that went to the experts (for tests and benchmarks)
+        self._cold: OrderedDict[int, set[int]] = OrderedDict()  # step id -> its rows Redis lacked at the first layer
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.submit(ExpertCall(layer, x, weights, ids)).result()
@@ -63,7 +73,7 @@ class CachedExperts(WrappedBackend):
                 first[key] = row
         self._count_result("local", "shared", len(copies))
         keys, rows = list(first), list(first.values())
-        values = self._lookup(keys, call.x.shape[1] * call.x.element_size())
+        values = self._lookup(call.step_id, keys, rows, call.x.shape[1] * call.x.element_size())
         hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
         misses = [row for row in range(call.x.shape[0]) if row not in hit and row not in copies]
         writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
@@ -75,7 +85,7 @@ class CachedExperts(WrappedBackend):
             index = torch.tensor(misses, device=call.x.device)
             handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
                                                   num_decode=sum(1 for r in misses if r < call.num_decode),
-                                                  request_ids=call.request_ids))
+                                                  request_ids=call.request_ids, step_id=call.step_id))
         return _Assembly(self, call.x, hit, misses, handle, writes, copies)
 
     def _cached_rows(self, call: ExpertCall) -> list[int]:
@@ -86,40 +96,59 @@ class CachedExperts(WrappedBackend):
         return [*decode, *prefill]
 
     def _keys(self, call: ExpertCall, rows: list[int]) -> list[str]:
-        index = torch.tensor(rows, device=call.x.device)
-        parts = [call.x[index], call.ids[index].to(torch.int32), call.weights[index].float()]
-        records = torch.cat([p.contiguous().view(torch.uint8).reshape(len(rows), -1).cpu() for p in parts], dim=1)
+        parts = [call.x, call.ids.to(torch.int32), call.weights.float()]
+        if len(rows) < call.x.shape[0]:  # rows are in order, so all of them means no gather
+            index = torch.tensor(rows, device=call.x.device)
+            parts = [p[index] for p in parts]
+        # numpy joins the byte columns with one copy per row; torch.cat over uint8 columns is ~10x slower
+        records = np.concatenate([p.contiguous().view(torch.uint8).reshape(len(rows), -1).cpu().numpy()
+                                  for p in parts], axis=1)
         head = f"{self.config.prefix}:{self.revision}:{call.layer}:"
-        return row_keys(head, memoryview(records.numpy()).cast("B"), records.shape[1])
+        return row_keys(head, memoryview(records).cast("B"), records.shape[1])
 
-    def _lookup(self, keys: list[str], value_bytes: int) -> list[bytes | None]:
+    def _lookup(self, step_id: int, keys: list[str], rows: list[int], value_bytes: int) -> list[bytes | None]:
+        """Values for `keys` (the rows `rows` of step `step_id`), None where neither tier has them."""
         started = time.perf_counter()
         values = self.local.get_many(keys)
         self._count("local", values)
         self._observe("local", started)
         missing = [i for i, v in enumerate(values) if v is None]
-        if self.redis is None or not missing:
+        if self.redis is None:
+            return values
+        cold = self._cold.get(step_id)
+        first_layer = cold is None and step_id >= 0
+        ask = missing if cold is None else [i for i in missing if rows[i] not in cold]
+        if not ask:
+            if first_layer:
+                self._remember_cold(step_id, set())
             return values
         started = time.perf_counter()
-        found = self.redis.get_many([keys[i] for i in missing])
+        found = self.redis.get_many([keys[i] for i in ask])
         self._observe("redis", started)
         if found is None:
-            self._count_result("redis", "error", len(missing))
+            self._count_result("redis", "error", len(ask))
             return values
         fresh, garbage = [], 0
-        for i, value in zip(missing, found, strict=True):
+        for i, value in zip(ask, found, strict=True):
             if value is not None and len(value) != value_bytes:  # not something we wrote: count it, compute
                 garbage += 1
                 continue
             values[i] = value
             if value is not None:
                 fresh.append((keys[i], value))
+        if first_layer:
+            self._remember_cold(step_id, {rows[i] for i, value in zip(ask, found, strict=True) if value is None})
         hits = len(fresh)
         self._count_result("redis", "hit", hits)
-        self._count_result("redis", "miss", len(missing) - hits - garbage)
+        self._count_result("redis", "miss", len(ask) - hits - garbage)
         self._count_result("redis", "error", garbage)
         self.local.put_many(fresh)
         return values
+
+    def _remember_cold(self, step_id: int, rows: set[int]) -> None:
+        self._cold[step_id] = rows
+        while len(self._cold) > COLD_STEPS:
+            self._cold.popitem(last=False)
 
     def _count(self, tier: str, values: list) -> None:
         hits = sum(v is not None for v in values)
@@ -159,11 +188,16 @@ class _Assembly:
             computed = self.handle.result()
             self._remember(computed)
             return computed
-        out = torch.empty_like(x)
+        stored = None
         if self.hit:
             rows = list(self.hit)
             stored = torch.frombuffer(bytearray(b"".join(self.hit[r] for r in rows)), dtype=x.dtype)
-            out[torch.tensor(rows, device=x.device)] = stored.view(len(rows), x.shape[1]).to(x.device)
+            stored = stored.view(len(rows), x.shape[1]).to(x.device)
+            if len(rows) == x.shape[0]:  # every row a hit (a repeat decoding alone): already in row order
+                return stored
+        out = torch.empty_like(x)
+        if stored is not None:
+            out[torch.tensor(rows, device=x.device)] = stored
         if self.handle is not None:
             computed = self.handle.result()
             out[torch.tensor(self.misses, device=x.device)] = computed

@@ -81,6 +81,7 @@ class Engine:
         self.requests: dict[str, Sequence] = {}
         self.last_step_tokens = 0
         self._ids = itertools.count()
+        self._step_ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class Engine:
         parts = split_step(scheduled) if self.config.overlap and self.experts.overlaps else [scheduled]
         batches = [build_batch(part, bs, device) for part in parts]
         for batch, _ in batches:
+            batch.step_id = next(self._step_ids)
             batch.invariant_prefill = "prefill" in self.experts.invariant_phases
             batch.invariant_decode = "decode" in self.experts.invariant_phases
         if len(batches) == 1:

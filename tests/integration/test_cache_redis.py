@@ -69,6 +69,19 @@ def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server
     assert count(registry, "redis", "hit") > 0 and count(registry, "redis", "error") == 0
 
 
+def test_new_tokens_ask_redis_at_the_first_layer_only(parts, server):
+    model, _ = parts
+    layers = len(model.cfg.moe_layers)
+    assert layers > 1
+    engine, _, registry = router(parts, server.url)
+    serve(engine, random_prompts(3, 256, seed=17))
+    looked_up_locally = count(registry, "local", "miss") + count(registry, "local", "hit")
+    asked_redis = count(registry, "redis", "miss") + count(registry, "redis", "hit")
+    # nothing of these prompts is anywhere: every row misses both tiers, and Redis hears of it once per step
+    assert count(registry, "local", "hit") == 0 and count(registry, "redis", "hit") == 0
+    assert asked_redis > 0 and asked_redis * layers == looked_up_locally
+
+
 def test_redis_stopped_mid_run_then_restarted(parts, server):
     engine, cached, registry = router(parts, server.url)
     prompts = random_prompts(6, 256, seed=12)

@@ -92,3 +92,14 @@ def test_cpu_summary_splits_cpu_by_service_and_gives_the_busy_share(monkeypatch)
     report = _report([("cluster-2", {32: 100.0})])
     report["configs"][0]["runs"][0] |= summary
     assert "| cluster-2 | 32 | expert 0.0 5.0, gateway 1.0, router 0 10.0 | 0.8 |" in render(report, [])
+
+
+def test_a_repeat_fraction_repeats_exactly_that_share_of_requests():
+    from bench.workload import mixed_workload
+
+    fresh = mixed_workload(64, 1000, seed=3)
+    half = mixed_workload(64, 1000, seed=3, repeat_fraction=0.5)
+    assert len({tuple(r.prompt_ids) for r in fresh}) == 64
+    assert len({tuple(r.prompt_ids) for r in half}) == 32
+    assert half == mixed_workload(64, 1000, seed=3, repeat_fraction=0.5)
+    assert mixed_workload(64, 1000, seed=3, repeat_fraction=0.25) != half
