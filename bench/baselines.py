@@ -65,7 +65,7 @@ def _transformers_batch(model, batch: list[Request]) -> list[Result]:
     for request in batch:
         own = stamps[:request.max_tokens]  # a request is done at its own last token, not the batch's
         out.append(Result(ttft=own[0] - started, e2e=own[-1] - started, output_tokens=request.max_tokens,
-                          itl=[b - a for a, b in itertools.pairwise(own)]))
+                          itl=[b - a for a, b in itertools.pairwise(own)], repeat=request.repeat))
     return out
 
 

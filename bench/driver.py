@@ -25,6 +25,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    repeat: bool = False  # the request repeats an earlier prompt of the workload
 
     @property
     def tpot(self) -> float | None:
@@ -34,7 +35,7 @@ class Result:
 async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> Result:
     body = {"model": model, "prompt": request.prompt_ids, "max_tokens": request.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    result, started, last = Result(), time.perf_counter(), None
+    result, started, last = Result(repeat=request.repeat), time.perf_counter(), None
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -102,4 +103,8 @@ def summarize(results: list[Result], wall: float) -> dict:
         "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
         "itl_ms": percentiles([gap for r in ok for gap in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
         "first_error": next((r.error for r in results if r.error), None),
+        # what a repeated prompt's user sees beside a new prompt's (workloads with repeats)
+        **({"ttft_repeat_ms": percentiles([r.ttft for r in ok if r.repeat]),
+            "ttft_fresh_ms": percentiles([r.ttft for r in ok if not r.repeat])}
+           if any(r.repeat for r in ok) else {}),
     }

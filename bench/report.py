@@ -72,6 +72,19 @@ def cpu_table(report: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def repeat_table(report: dict) -> list[str]:
+    """Time to first token of the requests that repeat an earlier prompt, beside the others' (workloads with repeats)."""
+    lines = ["| config | conc. | TTFT p50 / p90 ms, repeated prompts | TTFT p50 / p90 ms, new prompts |",
+             "|---|---|---|---|"]
+    for config in report["configs"]:
+        for run in config["runs"]:
+            if "ttft_repeat_ms" in run:
+                repeat, fresh = run["ttft_repeat_ms"], run["ttft_fresh_ms"]
+                lines.append(f"| {config['config']} | {run['concurrency']} | {_cell(repeat['p50'])} / "
+                             f"{_cell(repeat['p90'])} | {_cell(fresh['p50'])} / {_cell(fresh['p90'])} |")
+    return lines if len(lines) > 2 else []
+
+
 def by_round(report: dict) -> dict[str, list[dict[int, dict]]]:
     """Configuration name -> its runs by concurrency, one dict per round, in the order they ran."""
     rounds: dict[str, list[dict[int, dict]]] = {}
@@ -127,7 +140,7 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
             f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
-    tables = [runs_table(report), rss_table(report), cpu_table(report), spread_table(report)]
+    tables = [runs_table(report), rss_table(report), cpu_table(report), repeat_table(report), spread_table(report)]
     return "\n".join([head, "", *(line for table in tables if table for line in [*table, ""]),
                       *ratio_lines(report, pairs)]) + "\n"
 

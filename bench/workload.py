@@ -10,6 +10,7 @@ from dataclasses import dataclass
 class Request:
     prompt_ids: list[int]
     max_tokens: int
+    repeat: bool = False  # the same prompt and length as an earlier request of the workload
 
 
 def mixed_workload(n: int, vocab: int, seed: int = 0, prompt_range: tuple[int, int] = (32, 512),
@@ -30,7 +31,8 @@ def mixed_workload(n: int, vocab: int, seed: int = 0, prompt_range: tuple[int, i
         if i:
             rng.random()  # drawn as before repeats were counted exactly: the same fresh prompts as then
         if i in repeating:
-            out.append(picker.choice(out))
+            earlier = picker.choice(out)
+            out.append(Request(earlier.prompt_ids, earlier.max_tokens, repeat=True))
             continue
         length = rng.randint(*prompt_range)
         out.append(Request([rng.randrange(first_id, vocab) for _ in range(length)], rng.randint(*output_range)))

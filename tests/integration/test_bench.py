@@ -31,6 +31,8 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
                 stats = run[metric]
                 assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
             assert run["ttft_ms"]["p50"] < run["e2e_ms"]["p50"]
+            # half the requests repeat a prompt: their first tokens are timed apart from the others'
+            assert run["ttft_repeat_ms"]["p50"] > 0 and run["ttft_fresh_ms"]["p50"] > 0
             assert run["cpu_ms_per_token"] > 0 and 0 <= run["steal_fraction"] < 1
             by_service = run["cpu_ms_per_token_by_service"]
             assert set(by_service) == set(config["peak_rss_mib"]) and by_service["gateway"] > 0
@@ -46,7 +48,8 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
 
     table = render(report, ["local:cluster-2"])
     rows = [line for line in table.splitlines() if line.startswith(("| local |", "| cluster-2 |"))]
-    assert len(rows) == 2 * 2 + 2 + 2 * 2  # runs and CPU by service per (config, concurrency); RSS per config
+    # runs, CPU by service and TTFT of repeats per (config, concurrency); RSS per config
+    assert len(rows) == 2 * 2 + 2 + 2 * 2 + 2 * 2
     assert "- cluster-2 / local output tok/s: c=1: " in table and "c=3: " in table
     cpu_rows = [line for line in table.splitlines() if line.startswith("| cluster-2 | 3 | expert 0.0 ")]
     assert len(cpu_rows) == 1 and "router 0 " in cpu_rows[0]  # CPU per token by service

@@ -12,7 +12,7 @@ import redis
 
 from moe_core.loader import load_dense_model, load_expert_shard
 from moe_serve.ports import free_port
-from router_service.cache import CacheConfig
+from router_service.cache import CacheConfig, RedisCache
 from router_service.cached_experts import CachedExperts
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
@@ -80,6 +80,22 @@ def test_new_tokens_ask_redis_at_the_first_layer_only(parts, server):
     # nothing of these prompts is anywhere: every row misses both tiers, and Redis hears of it once per step
     assert count(registry, "local", "hit") == 0 and count(registry, "redis", "hit") == 0
     assert asked_redis > 0 and asked_redis * layers == looked_up_locally
+
+
+def test_writes_survive_a_server_that_lost_its_scripts(server):
+    cache = RedisCache(server.url, ttl_s=60, timeout_s=0.5)
+    client = redis.Redis(port=server.port)
+    try:
+        for batch in range(3):
+            items = [(f"moe:w:{batch}:{i}", bytes([batch, i]) * 100) for i in range(50)]
+            cache.put_many(items)
+            cache.flush()
+            assert [client.get(key) for key, _ in items] == [value for _, value in items]
+            assert 0 < client.ttl(items[0][0]) <= 60
+            client.script_flush()  # as after a restart: the next write finds no script by its digest
+        assert not cache._warned  # no write failed
+    finally:
+        cache.close()
 
 
 def test_redis_stopped_mid_run_then_restarted(parts, server):
