@@ -16,11 +16,13 @@ a hit, never a wrong row). A step of new tokens then pays one Redis round trip i
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
+import xxhash
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moe_core.forward import ExpertCall, ExpertHandle
@@ -28,6 +30,8 @@ from moe_core.metrics import LATENCY_BUCKETS
 from router_service.cache import CacheConfig, LocalCache, RedisCache, row_keys
 from router_service.expert_backend import ExpertBackend, WrappedBackend
 
+SMALL_ROWS = 16  # at most this many rows: keys hashed from Python lists. Between two layer steps the shards'
+# compute evicts the router's caches, and each tensor call then costs several microseconds.
 COLD_STEPS = 4  # steps whose first-layer Redis misses are kept (two overlapped micro-batches at most in flight)
 
 
@@ -86,7 +90,7 @@ class CachedExperts(WrappedBackend):
                 first[key] = row
         self._count_result("local", "shared", len(copies))
         keys, rows = list(first), list(first.values())
-        values = self._lookup(call.step_id, keys, rows, call.x.shape[1] * call.x.element_size())
+        values = self._lookup(call, keys, rows)
         hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
         misses = [row for row in range(call.x.shape[0]) if row not in hit and row not in copies]
         writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
@@ -109,18 +113,20 @@ class CachedExperts(WrappedBackend):
         return [*decode, *prefill]
 
     def _keys(self, call: ExpertCall, rows: list[int]) -> list[str]:
+        """One key per row: the hash of its input bytes, expert ids (int32) and gate weights (float32)."""
+        head = f"{self.config.prefix}:{self.revision}:{call.layer}:"
+        if len(rows) <= SMALL_ROWS:
+            return _small_keys(head, call, rows)
         x, ids, weights = call.x, call.ids, call.weights
         if len(rows) < x.shape[0]:  # rows are in order, so all of them means no gather
             index = torch.tensor(rows, device=x.device)
             x, ids, weights = x[index], ids[index], weights[index]
-        # one record of bytes per row: its input, expert ids (int32) and gate weights (float32), joined by
-        # numpy (torch.cat over uint8 columns is ~10x slower, and each torch op costs a decode step ~2 us)
+        # the records joined by numpy: torch.cat over uint8 columns is ~10x slower
         records = np.concatenate([_bytes_of(x), _bytes_of(ids, np.int32), _bytes_of(weights, np.float32)], axis=1)
-        head = f"{self.config.prefix}:{self.revision}:{call.layer}:"
         return row_keys(head, memoryview(records).cast("B"), records.shape[1])
 
-    def _lookup(self, step_id: int, keys: list[str], rows: list[int], value_bytes: int) -> list[bytes | None]:
-        """Values for `keys` (the rows `rows` of step `step_id`), None where neither tier has them."""
+    def _lookup(self, call: ExpertCall, keys: list[str], rows: list[int]) -> list[bytes | None]:
+        """Values for `keys` (the step's rows `rows`), None where neither tier has them."""
         started = time.perf_counter()
         values = self.local.get_many(keys)
         self._count("local", values)
@@ -128,6 +134,7 @@ class CachedExperts(WrappedBackend):
         missing = [i for i, v in enumerate(values) if v is None]
         if self.redis is None:
             return values
+        step_id = call.step_id
         cold = self._cold.get(step_id)
         first_layer = cold is None and step_id >= 0
         ask = missing if cold is None else [i for i in missing if rows[i] not in cold]
@@ -142,6 +149,7 @@ class CachedExperts(WrappedBackend):
             self._count_result("redis", "error", len(ask))
             return values
         fresh, garbage = [], 0
+        value_bytes = call.x.shape[1] * call.x.element_size()
         for i, value in zip(ask, found, strict=True):
             if value is not None and len(value) != value_bytes:  # not something we wrote: count it, compute
                 garbage += 1
@@ -223,15 +231,41 @@ class _Assembly:
     def _remember(self, computed: torch.Tensor) -> None:
         if not self.writes:
             return
-        raw = _bytes_of(computed)
+        raw = _rows_of(computed)
         in_order = len(self.misses) == self.x.shape[0]  # row i of the output is row i of the step
         position = None if in_order else {row: i for i, row in enumerate(self.misses)}
         self.cache.remember([(key, raw[row if in_order else position[row]].tobytes())
                              for row, key in self.writes.items()])
 
 
+def _small_keys(head: str, call: ExpertCall, rows: list[int]) -> list[str]:
+    """The keys of a few rows (a decode step), the same as the batched way's, with few tensor calls."""
+    x = _rows_of(call.x)
+    ids, weights = call.ids.tolist(), call.weights.tolist()
+    k = len(ids[0])
+    pack = struct.Struct(f"<{k}i{k}f").pack  # int32 ids and float32 weights, little-endian as in the records
+    keys = []
+    for row in rows:
+        digest = xxhash.xxh3_128(x[row])
+        digest.update(pack(*ids[row], *weights[row]))
+        keys.append(head + digest.hexdigest())
+    return keys
+
+
+def _rows_of(t: torch.Tensor) -> np.ndarray:
+    """A numpy array over a tensor's memory whose row i holds row i's bytes, with as few tensor calls as can be."""
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what count
+        t = t.view(torch.int16)
+    try:
+        a = t.numpy()
+    except TypeError:  # on an accelerator
+        a = t.cpu().numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def _bytes_of(t: torch.Tensor, as_type: type | None = None) -> np.ndarray:
     """[rows, ...] tensor -> [rows, bytes per row] uint8 array over its memory (converted to `as_type` first)."""
-    a = t.detach().cpu().contiguous()
-    a = a.view(torch.uint8).numpy() if as_type is None else a.numpy().astype(as_type, copy=False)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    a = t.contiguous().view(torch.uint8).numpy() if as_type is None else t.numpy().astype(as_type, copy=False)
     return a.reshape(a.shape[0], -1).view(np.uint8)

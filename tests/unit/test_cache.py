@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
+from moe_core.forward import ExpertCall
 from moe_core.loader import load_dense_model, load_expert_shard
 from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, row_keys
 from router_service.cached_experts import CachedExperts
@@ -115,3 +117,21 @@ def test_wrappers_keep_the_need_for_invariance(parts):
     assert RoutingRecorder(cached, stats).invariant_phases == {"prefill", "decode"}
     assert not RoutingRecorder(parts[1], stats).invariant_phases
     assert make(parts, phases="prefill")[1].invariant_phases == {"prefill"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_key_is_the_same_whether_its_step_is_small_or_large(dtype):
+    from router_service import cached_experts
+
+    g = torch.Generator().manual_seed(0)
+    n = cached_experts.SMALL_ROWS + 8
+    call = ExpertCall(3, torch.randn(n, 64, generator=g).to(dtype), torch.rand(n, 2, generator=g),
+                      torch.randint(0, 8, (n, 2), generator=g), num_decode=5)
+    cache = CachedExperts(LocalExperts({}), CacheConfig(mode="local"), "rev")
+    every, later = list(range(n)), list(range(5, n))
+    large = cache._keys(call, every)
+    assert len(set(large)) == n
+    assert cached_experts._small_keys("moe:rev:3:", call, every) == large
+    assert cache._keys(call, later) == large[5:]  # a gathered subset keys its rows as before
+    small = ExpertCall(3, call.x[:2], call.weights[:2], call.ids[:2])
+    assert cache._keys(small, [0, 1]) == large[:2]
