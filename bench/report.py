@@ -73,7 +73,7 @@ def cpu_table(report: dict) -> list[str]:
 
 
 def repeat_table(report: dict) -> list[str]:
-    """Time to first token of the requests that repeat an earlier prompt, beside the others' (workloads with repeats)."""
+    """TTFT of the requests that repeat an earlier prompt, beside the others' (workloads with repeats)."""
     lines = ["| config | conc. | TTFT p50 / p90 ms, repeated prompts | TTFT p50 / p90 ms, new prompts |",
              "|---|---|---|---|"]
     for config in report["configs"]:
