@@ -63,28 +63,29 @@ class LocalCache:
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         with self._lock:
-            out = []
-            for key in keys:
-                value = self._entries.get(key)
-                if value is not None:
-                    self._entries.move_to_end(key)
-                out.append(value)
+            out = [self._entries.get(key) for key in keys]
+            if out.count(None) < len(out):  # hits become the most recently used
+                for key, value in zip(keys, out, strict=True):
+                    if value is not None:
+                        self._entries.move_to_end(key)
             return out
 
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
         with self._lock:
+            entries, held = self._entries, self.bytes
             for key, value in items:
                 size = len(value) + ENTRY_OVERHEAD
                 if size > self.max_bytes:
                     continue
-                old = self._entries.pop(key, None)
+                old = entries.pop(key, None)
                 if old is not None:
-                    self.bytes -= len(old) + ENTRY_OVERHEAD
-                self._entries[key] = value
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    _, evicted = self._entries.popitem(last=False)
-                    self.bytes -= len(evicted) + ENTRY_OVERHEAD
+                    held -= len(old) + ENTRY_OVERHEAD
+                entries[key] = value
+                held += size
+            while held > self.max_bytes:  # oldest first, once the call's items are in
+                _, evicted = entries.popitem(last=False)
+                held -= len(evicted) + ENTRY_OVERHEAD
+            self.bytes = held
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -81,22 +81,28 @@ class CachedExperts(WrappedBackend):
         if not cached:
             self.dispatched_rows += call.x.shape[0]
             return self.inner.submit(call)
-        first: dict[str, int] = {}  # key -> the row that looks it up (and computes it on a miss)
+        keys, rows = self._keys(call, cached), cached
         copies: dict[int, int] = {}  # row -> an earlier row of this step with the same key
-        for row, key in zip(cached, self._keys(call, cached), strict=True):
-            if key in first:
-                copies[row] = first[key]
-            else:
-                first[key] = row
-        self._count_result("local", "shared", len(copies))
-        keys, rows = list(first), list(first.values())
+        if len(set(keys)) < len(keys):  # the first row with a key looks it up (and computes it on a miss)
+            first: dict[str, int] = {}
+            for row, key in zip(rows, keys, strict=True):
+                if key in first:
+                    copies[row] = first[key]
+                else:
+                    first[key] = row
+            self._count_result("local", "shared", len(copies))
+            keys, rows = list(first), list(first.values())
         values = self._lookup(call, keys, rows)
-        hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
-        misses = [row for row in range(call.x.shape[0]) if row not in hit and row not in copies]
-        writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
+        n = call.x.shape[0]
+        if values.count(None) == len(values) and not copies:  # the usual step without repeats: all computed
+            hit, misses, writes = {}, list(range(n)), dict(zip(rows, keys, strict=True))
+        else:
+            hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
+            misses = [row for row in range(n) if row not in hit and row not in copies]
+            writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
         self.dispatched_rows += len(misses)
         handle = None
-        if len(misses) == call.x.shape[0]:  # nothing found: send the step as it is, no gather
+        if len(misses) == n:  # nothing found: send the step as it is, no gather
             handle = self.inner.submit(call)
         elif misses:
             index = torch.tensor(misses, device=call.x.device)
@@ -231,10 +237,11 @@ class _Assembly:
     def _remember(self, computed: torch.Tensor) -> None:
         if not self.writes:
             return
-        raw = _rows_of(computed)
+        raw = _rows_of(computed).tobytes()  # one copy; each row's bytes are then a slice of it
+        width = len(raw) // len(self.misses)
         in_order = len(self.misses) == self.x.shape[0]  # row i of the output is row i of the step
-        position = None if in_order else {row: i for i, row in enumerate(self.misses)}
-        self.cache.remember([(key, raw[row if in_order else position[row]].tobytes())
+        position = {row: row for row in self.writes} if in_order else {row: i for i, row in enumerate(self.misses)}
+        self.cache.remember([(key, raw[position[row] * width:(position[row] + 1) * width])
                              for row, key in self.writes.items()])
 
 
