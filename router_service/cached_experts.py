@@ -240,9 +240,12 @@ class _Assembly:
         raw = _rows_of(computed).tobytes()  # one copy; each row's bytes are then a slice of it
         width = len(raw) // len(self.misses)
         in_order = len(self.misses) == self.x.shape[0]  # row i of the output is row i of the step
-        position = {row: row for row in self.writes} if in_order else {row: i for i, row in enumerate(self.misses)}
-        self.cache.remember([(key, raw[position[row] * width:(position[row] + 1) * width])
-                             for row, key in self.writes.items()])
+        if in_order:
+            starts = [(key, row * width) for row, key in self.writes.items()]
+        else:
+            position = {row: i for i, row in enumerate(self.misses)}
+            starts = [(key, position[row] * width) for row, key in self.writes.items()]
+        self.cache.remember([(key, raw[start:start + width]) for key, start in starts])
 
 
 def _small_keys(head: str, call: ExpertCall, rows: list[int]) -> list[str]:
@@ -271,8 +274,8 @@ def _rows_of(t: torch.Tensor) -> np.ndarray:
 
 
 def _bytes_of(t: torch.Tensor, as_type: type | None = None) -> np.ndarray:
-    """[rows, ...] tensor -> [rows, bytes per row] uint8 array over its memory (converted to `as_type` first)."""
-    if t.device.type != "cpu":
-        t = t.cpu()
-    a = t.contiguous().view(torch.uint8).numpy() if as_type is None else t.numpy().astype(as_type, copy=False)
+    """[rows, ...] tensor -> [rows, bytes per row] uint8 array (converted to `as_type` first)."""
+    a = _rows_of(t)
+    if as_type is not None:
+        a = a.astype(as_type, copy=False)
     return a.reshape(a.shape[0], -1).view(np.uint8)
