@@ -31,6 +31,11 @@ CONFIGS = {
     "cluster-2-routers-2-cache-redis": ["--shards", "2", "--routers", "2", "--cache", "redis",
                                         "--router-arg=--cache-local-mib=1024"],
     # + --redis URL and a fresh key prefix per run
+    # repeat drafts (router_service/engine/drafts.py): a repeated request verifies the earlier output 8 tokens a step
+    "local-drafts": ["--shards", "0", "--router-arg=--draft-tokens=8"],
+    "cluster-2-drafts": ["--shards", "2", "--router-arg=--draft-tokens=8"],
+    "cluster-2-cache-local-drafts": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024",
+                                     "--router-arg=--draft-tokens=8"],
 }
 
 
@@ -77,8 +82,8 @@ class Running:
         return total
 
     def cache_counts(self) -> dict[str, float]:
-        """Expert-cache lookups and prefix-cache tokens so far, summed over the routers, as
-        {"local:hit": n, "redis:error": n, ..., "prefix:query": n, "prefix:hit": n}."""
+        """Expert-cache lookups, prefix-cache tokens and repeat-draft tokens so far, summed over the routers,
+        as {"local:hit": n, "redis:error": n, ..., "prefix:query": n, "prefix:hit": n, "draft:accepted": n, ...}."""
         from prometheus_client.parser import text_string_to_metric_families
 
         counts: dict[str, float] = {}
@@ -92,6 +97,8 @@ class Running:
                         key = f"{sample.labels['tier']}:{sample.labels['result']}"
                     elif family.name in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
                         key = f"prefix:{family.name.split('_')[-2]}"
+                    elif family.name == "moe_draft_tokens":
+                        key = f"draft:{sample.labels['result']}"
                     else:
                         continue
                     counts[key] = counts.get(key, 0.0) + sample.value

@@ -30,8 +30,8 @@ def _cell(value: object) -> str:
 def runs_table(report: dict) -> list[str]:
     lines = ["| config | conc. | req | err | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
              "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate | prefix hit rate "
-             "| CPU ms/token (steal) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| draft tokens kept | CPU ms/token (steal) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in report["configs"]:
         for run in config["runs"]:
             ttft, tpot, itl, e2e = run["ttft_ms"], run["tpot_ms"], run["itl_ms"], run["e2e_ms"]
@@ -40,6 +40,7 @@ def runs_table(report: dict) -> list[str]:
                 dispatch = f"{run['dispatch_ms_per_layer']} ({run['dispatch_overhead_ms_per_layer']})"
             cache = run.get("cache", {}).get("hit_rate")
             prefix = run.get("cache", {}).get("prefix_hit_rate")
+            kept = run.get("cache", {}).get("draft_tokens_kept") or None
             cpu = None
             if run.get("cpu_ms_per_token") is not None:
                 cpu = f"{run['cpu_ms_per_token']} ({run['steal_fraction']})"
@@ -48,7 +49,7 @@ def runs_table(report: dict) -> list[str]:
                 f"| {run['output_tok_s']} | {_cell(ttft.get('p50'))} / {_cell(ttft.get('p90'))} / "
                 f"{_cell(ttft.get('p99'))} | {_cell(tpot.get('p50'))} / {_cell(tpot.get('p99'))} "
                 f"| {_cell(itl.get('p50'))} | {_cell(e2e.get('p50'))} / {_cell(e2e.get('p99'))} "
-                f"| {_cell(dispatch)} | {_cell(cache)} | {_cell(prefix)} | {_cell(cpu)} |")
+                f"| {_cell(dispatch)} | {_cell(cache)} | {_cell(prefix)} | {_cell(kept)} | {_cell(cpu)} |")
     return lines
 
 

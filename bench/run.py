@@ -127,15 +127,18 @@ def cpu_summary(before: dict[str, float], after: dict[str, float], steal: float,
 
 
 def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
-    """Expert-cache rows skipped per lookup, and prompt tokens whose prefill the prefix cache skipped."""
+    """Expert-cache rows skipped per lookup, prompt tokens whose prefill the prefix cache skipped, and
+    repeat-draft tokens kept (each one a decode step a repeated request did not take) or not."""
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     hits = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("redis:hit", 0)  # rows not computed
     lookups = delta.get("local:hit", 0) + delta.get("local:shared", 0) + delta.get("local:miss", 0)
     queried, reused = delta.pop("prefix:query", 0), delta.pop("prefix:hit", 0)
+    kept, wrong = delta.pop("draft:accepted", 0), delta.pop("draft:rejected", 0)
     return {"lookups": int(lookups), "hit_rate": round(hits / lookups, 4) if lookups else None,
             **{key: int(value) for key, value in delta.items()},
             "prefix_query_tokens": int(queried), "prefix_hit_tokens": int(reused),
-            "prefix_hit_rate": round(reused / queried, 4) if queried else None}
+            "prefix_hit_rate": round(reused / queried, 4) if queried else None,
+            "draft_tokens_kept": int(kept), "draft_tokens_wrong": int(wrong)}
 
 
 def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> dict:

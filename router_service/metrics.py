@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from moe_core.config import MoeConfig
 from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from router_service.engine.engine import RequestOutput
 from router_service.engine.scheduler import ScheduledStep
 from router_service.engine.sequence import Sequence
 from router_service.expert_backend import ExpertBackend, WrappedBackend
@@ -143,14 +144,23 @@ class EngineMetrics:
                                       "at admission", registry=registry)
         self.prefix_hits = Counter("moe_prefix_cache_hit_tokens", "Prompt tokens whose KV blocks came from the "
                                    "prefix cache (their prefill skipped)", registry=registry)
+        drafts = Counter("moe_draft_tokens", "Draft tokens of repeated requests verified, by whether they were "
+                         "right (kept: a decode step saved) or not", ["result"], registry=registry)
+        self.drafts_accepted, self.drafts_rejected = drafts.labels("accepted"), drafts.labels("rejected")
         self._preempted_seen = self._queried_seen = self._hit_seen = 0
+        self._proposed_seen = self._accepted_seen = 0
 
-    def on_step(self, engine, scheduled: ScheduledStep, sampled: list[Sequence]) -> None:
+    def on_step(self, engine, scheduled: ScheduledStep, outputs: list[RequestOutput]) -> None:
         self.step_tokens.observe(scheduled.num_tokens)
-        self.generation_tokens.inc(len(sampled))
-        for seq in sampled:
-            if len(seq.output_ids) == 1:  # prefill just completed (not counted again after a preemption)
-                self.prompt_tokens.inc(len(seq.prompt_ids))
+        self.generation_tokens.inc(sum(len(out.token_ids) for out in outputs))
+        for out in outputs:
+            if out.completion_tokens == len(out.token_ids):  # prefill just completed (not again after a preemption)
+                self.prompt_tokens.inc(out.prompt_tokens)
+        if engine.drafts is not None and scheduled.drafts:
+            proposed, accepted = engine.drafts.proposed, engine.drafts.accepted
+            self.drafts_accepted.inc(accepted - self._accepted_seen)
+            self.drafts_rejected.inc(proposed - accepted - (self._proposed_seen - self._accepted_seen))
+            self._proposed_seen, self._accepted_seen = proposed, accepted
         self.observe_queue(engine)
 
     def observe_queue(self, engine) -> None:

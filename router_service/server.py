@@ -85,7 +85,7 @@ def engine_config(settings: RouterSettings) -> EngineConfig:
     return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_mib << 20,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_model_len=settings.max_model_len or None, seed=settings.seed, overlap=settings.overlap,
-                        prefix_caching=settings.prefix_cache)
+                        prefix_caching=settings.prefix_cache, draft_tokens=settings.draft_tokens)
 
 
 async def build_router(settings: RouterSettings) -> Router:

@@ -35,6 +35,9 @@ class RouterSettings:
     overlap: bool = setting(False, "split each step into two micro-batches so one computes while the other's "
                                    "experts are in flight (grpc experts only; pays off when the expert services run "
                                    "on other machines or GPUs, not when they share this machine's cores)")
+    draft_tokens: int = setting(0, "repeat drafts: a request that repeats an earlier one (same prompt, greedy or "
+                                   "the same seed) has up to this many tokens of the earlier output verified per "
+                                   "step, so it finishes in a few steps with the same tokens (0: off)")
     max_queue: int = setting(256, "most requests waiting for a batch slot; past it new requests get "
                                    "RESOURCE_EXHAUSTED (HTTP 429) instead of unbounded latency")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, how long in-flight requests may run before they end "
@@ -83,6 +86,7 @@ class RouterSettings:
         for name in ("kv_cache_mib", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.max_model_len >= 0, "max_model_len", "must be >= 0")
+        check(self.draft_tokens >= 0, "draft_tokens", "must be >= 0")
         for name in ("rpc_timeout_s", "health_interval_s", "connect_timeout_s"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.threads >= 0, "threads", "must be >= 0")

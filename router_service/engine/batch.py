@@ -11,7 +11,8 @@ from router_service.engine.sequence import Sequence
 
 def build_batch(step: ScheduledStep, block_size: int, device: torch.device
                 ) -> tuple[StepBatch, list[Sequence]]:
-    """Decode rows first, then prefill chunks; also return the sequences to sample, in logit-row order."""
+    """Decode rows first, then prefill chunks; also return the sequences to sample, in logit-row order: each
+    sequence's own row first, draft rows last (a sequence with a draft appears once per draft token more)."""
     tokens: list[int] = []
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
@@ -19,16 +20,24 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
     logit_rows: list[int] = []
 
     batch = StepBatch(token_ids=torch.empty(0), positions=torch.empty(0), slots=torch.empty(0))
-    if step.decodes:
-        pos = torch.tensor([s.num_cached for s in step.decodes])
-        width = max(len(s.blocks) for s in step.decodes)
-        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in step.decodes])
-        tokens += [s.token_ids[s.num_cached] for s in step.decodes]
+    # decode rows: each decoding sequence's next token, then the draft tokens that follow a sequence's
+    # own last row (at the positions after it; the engine keeps their results only where the draft was right)
+    decoding = step.decodes + [seq for seq, draft in step.drafts.items() for _ in draft]
+    if decoding:
+        decode_tokens = [s.token_ids[s.num_cached] for s in step.decodes]
+        decode_pos = [s.num_cached for s in step.decodes]
+        for seq, draft in step.drafts.items():
+            decode_tokens += draft
+            decode_pos += range(seq.num_tokens, seq.num_tokens + len(draft))
+        pos = torch.tensor(decode_pos)
+        width = max(len(s.blocks) for s in decoding)
+        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in decoding])
+        tokens += decode_tokens
         positions.append(pos)
         slots.append(tables.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size)
-        batch.num_decode = len(step.decodes)
+        batch.num_decode = len(decoding)
         batch.block_tables = tables.to(device)
-        batch.decode_lengths = [s.num_cached + 1 for s in step.decodes]
+        batch.decode_lengths = [p + 1 for p in decode_pos]
         sample += step.decodes
         logit_rows += range(len(step.decodes))
 
@@ -46,6 +55,8 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
             sample.append(seq)
             logit_rows.append(row + n - 1)
 
+    sample += [seq for seq, draft in step.drafts.items() for _ in draft]
+    logit_rows += range(len(step.decodes), len(decoding))
     batch.token_ids = torch.tensor(tokens, device=device)
     batch.positions = torch.cat(positions).to(device)
     batch.slots = torch.cat(slots).to(device)
@@ -55,7 +66,8 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
 
 
 def split_step(step: ScheduledStep) -> list[ScheduledStep]:
-    """Two micro-batches of about equal tokens (decodes halved, prefill chunks to the lighter side).
+    """Two micro-batches of about equal tokens (decodes halved, prefill chunks to the lighter side; a
+    sequence's draft goes with it).
 
     A step with one sequence stays whole: there is nothing to overlap it with.
     """
@@ -66,4 +78,7 @@ def split_step(step: ScheduledStep) -> list[ScheduledStep]:
     halves[0].decodes, halves[1].decodes = step.decodes[:middle], step.decodes[middle:]
     for seq, n in sorted(step.prefills, key=lambda p: -p[1]):
         min(halves, key=lambda h: h.num_tokens).prefills.append((seq, n))
+    for seq, draft in step.drafts.items():
+        half = halves[0] if seq in halves[0].decodes or any(s is seq for s, _ in halves[0].prefills) else halves[1]
+        half.drafts[seq] = draft
     return [h for h in halves if not h.empty]

@@ -13,6 +13,7 @@ from moe_core.forward import forward_overlapped, forward_step, layer_program
 from moe_core.model import DenseModel
 from moe_core.tokenizer import IncrementalDetokenizer, Tokenizer
 from router_service.engine.batch import build_batch, split_step
+from router_service.engine.drafts import RepeatDrafts
 from router_service.engine.kv_cache import BlockAllocator, KvCache
 from router_service.engine.params import SamplingParams
 from router_service.engine.sampler import Sampler
@@ -32,6 +33,7 @@ class EngineConfig:
     seed: int | None = None  # of the engine's generator for unseeded requests
     overlap: bool = False  # with a remote expert backend, run two micro-batches so network time hides
     prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    draft_tokens: int = 0  # most draft tokens of a repeated request verified per step (engine/drafts.py); 0: off
 
 
 @dataclass
@@ -53,8 +55,8 @@ class RequestOutput:
 class EngineObserver:
     """Hooks for metrics; the default does nothing."""
 
-    def on_step(self, engine: Engine, scheduled: ScheduledStep, sampled: list[Sequence]) -> None:
-        """After a step ran and its tokens were appended."""
+    def on_step(self, engine: Engine, scheduled: ScheduledStep, outputs: list[RequestOutput]) -> None:
+        """After a step ran and its tokens were appended (one output per sequence that sampled)."""
 
     def observe_queue(self, engine: Engine) -> None:
         """When the queue changed without a step (a request arrived)."""
@@ -72,9 +74,10 @@ class Engine:
         cfg = model.cfg
         self.kv = KvCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype, str(model.device))
         self.allocator = BlockAllocator(self.kv.num_blocks, config.block_size, config.prefix_caching)
+        self.drafts = RepeatDrafts(config.draft_tokens) if config.draft_tokens > 0 else None
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
-        )
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator,
+            self.drafts)
         self.sampler = Sampler(model.device, config.seed)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.kv.capacity_tokens)
         self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids if tokenizer else ())
@@ -153,6 +156,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 logits, to_sample = self._forward(scheduled)
+                generators = {seq: seq.generator.get_state() for seq in scheduled.drafts if seq.generator is not None}
                 tokens, logprobs = self.sampler(logits, to_sample)
         except Exception as exc:
             seqs = scheduled.decodes + [s for s, _ in scheduled.prefills]
@@ -161,10 +165,20 @@ class Engine:
             seq.num_cached += 1
         for seq, n in scheduled.prefills:
             seq.num_cached += n
+        sampled: dict[Sequence, list[tuple[int, TokenLogprob | None]]] = {}
+        for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True):
+            sampled.setdefault(seq, []).append((token, lp))  # a sequence's own row first, then its draft rows
+        for seq, draft in scheduled.drafts.items():
+            rows = sampled[seq]
+            right = self.drafts.accept(seq, draft, [token for token, _ in rows])
+            seq.num_cached += right  # the rows whose input was a right draft token hold the true keys and values
+            del rows[right + 1:]
+            if seq in generators and right < len(draft):
+                _replay(seq.generator, generators[seq], right + 1)
         for seq in itertools.chain(scheduled.decodes, (s for s, _ in scheduled.prefills)):
             self.scheduler.record_computed(seq)
-        outputs = [self._append(seq, token, lp) for seq, token, lp in zip(to_sample, tokens, logprobs, strict=True)]
-        self.observer.on_step(self, scheduled, to_sample)
+        outputs = [self._emit(seq, rows) for seq, rows in sampled.items()]
+        self.observer.on_step(self, scheduled, outputs)
         return outputs
 
     def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, list[Sequence]]:
@@ -182,6 +196,21 @@ class Engine:
         programs = [layer_program(self.model, self.kv.layers, bs, batch) for batch, _ in batches]
         logits = torch.cat(forward_overlapped(programs, self.experts.submit))
         return logits, [seq for _, to_sample in batches for seq in to_sample]
+
+    def _emit(self, seq: Sequence, rows: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
+        """Append a step's tokens for one sequence (several when a draft was right) as one output."""
+        out = self._append(seq, *rows[0])
+        for token, logprob in rows[1:]:
+            if out.finished:
+                break
+            more = self._append(seq, token, logprob)
+            out.token_ids += more.token_ids
+            out.text += more.text
+            if out.logprobs is not None and more.logprobs:
+                out.logprobs += more.logprobs
+            out.completion_tokens, out.finished, out.finish_reason = (more.completion_tokens, more.finished,
+                                                                      more.finish_reason)
+        return out
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         now = time.monotonic()
@@ -230,3 +259,10 @@ class Engine:
     def status_of(self, request_id: str) -> Status | None:
         seq = self.requests.get(request_id)
         return seq.status if seq else None
+
+
+def _replay(generator: torch.Generator, state: torch.Tensor, draws: int) -> None:
+    """Put a request's generator where `draws` one-row samples leave it, as if no rejected draft row had drawn."""
+    generator.set_state(state)
+    for _ in range(draws):
+        torch.rand(1, generator=generator, device=generator.device)

@@ -6,6 +6,8 @@ while the token budget, the sequence limit and free KV blocks allow. When the KV
 the newest running sequence is preempted (its blocks freed, recomputed later from its tokens), so
 older requests always make progress and nothing is lost. With prefix caching, a sequence being
 admitted first takes the cached blocks of its longest known prefix and prefills only the rest.
+With repeat drafts, the token budget left over goes to draft rows of sequences that repeat an
+earlier request (engine/drafts.py), in blocks that are free: a draft never preempts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from router_service.engine.drafts import RepeatDrafts
 from router_service.engine.kv_cache import BlockAllocator
 from router_service.engine.sequence import Sequence, Status
 
@@ -28,6 +31,8 @@ class SchedulerConfig:
 class ScheduledStep:
     decodes: list[Sequence] = field(default_factory=list)  # one token each
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    # draft tokens to verify after a sequence's own last row, as decode rows at the positions that follow
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -35,13 +40,14 @@ class ScheduledStep:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return len(self.decodes) + sum(n for _, n in self.prefills) + sum(map(len, self.drafts.values()))
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, drafts: RepeatDrafts | None = None):
         self.config = config
         self.allocator = allocator
+        self.drafts = drafts
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -68,10 +74,34 @@ class Scheduler:
                 self._place(step, seq, n)
                 budget -= n
         if self.num_preemptions == preemptions_before:  # admitting now would only thrash the cache
-            self._admit(step, budget)
+            budget = self._admit(step, budget)
+        if self.drafts is not None:
+            self._add_drafts(step, budget)
         return step
 
-    def _admit(self, step: ScheduledStep, budget: int) -> None:
+    def _add_drafts(self, step: ScheduledStep, budget: int) -> None:
+        """Draft rows for sequences that sample this step, while budget and free blocks last."""
+        sampling = [(seq, 1) for seq in step.decodes]
+        sampling += [(seq, n) for seq, n in step.prefills if seq.num_cached + n == seq.num_tokens]
+        for seq, n in sampling:
+            if budget <= 0:
+                return
+            if seq.draft is None:
+                continue
+            end = seq.num_cached + n  # the first draft row's position
+            room = len(seq.blocks) * self.config.block_size - end + self.allocator.num_free * self.config.block_size
+            # no draft row past max_tokens: its token could never be kept
+            limit = min(budget, room, seq.params.max_tokens - len(seq.output_ids) - 1)
+            draft = self.drafts.propose(seq, limit)
+            if not draft:
+                continue
+            need = self.blocks_for(end + len(draft)) - len(seq.blocks)
+            if need > 0:
+                seq.blocks += self.allocator.allocate(need)
+            step.drafts[seq] = draft
+            budget -= len(draft)
+
+    def _admit(self, step: ScheduledStep, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             self._reuse_prefix(seq)
@@ -81,6 +111,8 @@ class Scheduler:
                 self.allocator.free(seq.blocks)  # don't pin cached blocks while waiting
                 seq.reset_for_recompute()
                 break
+            if self.drafts is not None and not seq.output_ids:
+                self.drafts.attach(seq)
             self.prefix_query_tokens += seq.num_tokens - 1
             self.prefix_hit_tokens += seq.num_cached
             seq.blocks += self.allocator.allocate(need)
@@ -89,6 +121,7 @@ class Scheduler:
             self.running.append(seq)
             self._place(step, seq, n)
             budget -= n
+        return budget
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq` on the cached blocks of its prompt's longest known prefix (all but the last
@@ -103,7 +136,7 @@ class Scheduler:
     def record_computed(self, seq: Sequence) -> None:
         """After a step: offer the blocks `seq` has just filled to the prefix cache."""
         bs = self.config.block_size
-        full = seq.num_cached // bs
+        full = min(seq.num_cached, seq.num_tokens) // bs  # accepted draft tokens join the output after this
         if not self.allocator.prefix_caching or seq.num_hashed_blocks >= full:
             return
         ids = seq.token_ids
@@ -147,3 +180,5 @@ class Scheduler:
         self.allocator.free(seq.blocks)
         seq.blocks = []
         seq.status = Status.FINISHED
+        if self.drafts is not None:
+            self.drafts.finished(seq)

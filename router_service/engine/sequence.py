@@ -43,6 +43,8 @@ class Sequence:
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     detokenizer: IncrementalDetokenizer | None = None  # text for stop strings and streaming
+    draft: list[int] | None = None  # an earlier output of the same prompt and sampling (engine/drafts.py)
+    draft_key: tuple | None = None  # the prompt and sampling that decide the tokens, when drafting applies
 
     @property
     def token_ids(self) -> list[int]:

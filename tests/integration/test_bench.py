@@ -12,15 +12,15 @@ from bench.report import render
 def test_bench_writes_complete_results(demo_model, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs", "local",
-         "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24", "--output-range",
+        [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs",
+         "local-drafts", "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24", "--output-range",
          "4", "8", "--repeat-fraction", "0.5", "--work-dir", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert {"model", "dtype", "git", "machine", "workload", "configs"} <= set(report)
-    assert [c["config"] for c in report["configs"]] == ["local", "cluster-2"]
+    assert [c["config"] for c in report["configs"]] == ["local-drafts", "cluster-2"]
     for config in report["configs"]:
         assert [r["concurrency"] for r in config["runs"]] == [1, 3]
         assert config["peak_rss_mib"]["gateway"] > 10 and all(v > 10 for v in config["peak_rss_mib"].values())
@@ -42,15 +42,18 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
             assert prefix["prefix_query_tokens"] > 0 and 0 <= prefix["prefix_hit_rate"] <= 1
     # repeated prompts reuse their KV blocks (the prefix cache is on by default)
     assert any(r["cache"]["prefix_hit_tokens"] >= 16 for c in report["configs"] for r in c["runs"])
+    # and with repeat drafts, verify the earlier output in a few steps
+    assert sum(r["cache"]["draft_tokens_kept"] for r in report["configs"][0]["runs"]) > 0
+    assert all(r["cache"]["draft_tokens_kept"] == 0 for r in report["configs"][1]["runs"])
     cluster_runs = report["configs"][1]["runs"]
     assert all(r["dispatch_ms_per_layer"] > r["dispatch_overhead_ms_per_layer"] > 0 for r in cluster_runs)
     assert len(report["configs"][1]["peak_rss_mib"]) == 4  # gateway, router, two experts
 
-    table = render(report, ["local:cluster-2"])
-    rows = [line for line in table.splitlines() if line.startswith(("| local |", "| cluster-2 |"))]
+    table = render(report, ["local-drafts:cluster-2"])
+    rows = [line for line in table.splitlines() if line.startswith(("| local-drafts |", "| cluster-2 |"))]
     # runs, CPU by service and TTFT of repeats per (config, concurrency); RSS per config
     assert len(rows) == 2 * 2 + 2 + 2 * 2 + 2 * 2
-    assert "- cluster-2 / local output tok/s: c=1: " in table and "c=3: " in table
+    assert "- cluster-2 / local-drafts output tok/s: c=1: " in table and "c=3: " in table
     cpu_rows = [line for line in table.splitlines() if line.startswith("| cluster-2 | 3 | expert 0.0 ")]
     assert len(cpu_rows) == 1 and "router 0 " in cpu_rows[0]  # CPU per token by service
 
