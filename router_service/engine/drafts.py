@@ -27,7 +27,7 @@ def draft_key(seq: Sequence) -> tuple | None:
     p = seq.params
     if p.penalized or (not p.greedy and p.seed is None):
         return None
-    sampling = ("greedy",) if p.greedy else (p.temperature, p.top_p, p.top_k if 0 < p.top_k else 0, p.seed)
+    sampling = ("greedy",) if p.greedy else (p.temperature, p.top_p, max(p.top_k, 0), p.seed)
     return tuple(seq.prompt_ids), sampling
 
 

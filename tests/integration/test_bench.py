@@ -13,8 +13,8 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs",
-         "local-drafts", "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24", "--output-range",
-         "4", "8", "--repeat-fraction", "0.5", "--work-dir", str(tmp_path), "--out", str(out)],
+         "local-drafts", "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24",
+         "--output-range", "4", "8", "--repeat-fraction", "0.5", "--work-dir", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -128,8 +128,7 @@ def test_unseeded_sampling_and_penalties_are_not_drafted(parts):
 
 
 def test_draft_rows_hit_the_expert_cache_and_are_counted(parts):
-    model, local = parts
-    cached = CachedExperts(local, CacheConfig(mode="local", local_bytes=64 << 20), "rev")
+    cached = CachedExperts(parts[1], CacheConfig(mode="local", local_bytes=64 << 20), "rev")
     metrics = EngineMetrics(CollectorRegistry())
     engine = make(parts, draft_tokens=4, experts=cached)
     engine.observer = metrics
