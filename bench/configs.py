@@ -32,10 +32,10 @@ CONFIGS = {
                                         "--router-arg=--cache-local-mib=1024"],
     # + --redis URL and a fresh key prefix per run
     # repeat drafts (router_service/engine/drafts.py): a repeated request verifies the earlier output 8 tokens a step
-    "local-drafts": ["--shards", "0", "--router-arg=--draft-tokens=8"],
-    "cluster-2-drafts": ["--shards", "2", "--router-arg=--draft-tokens=8"],
+    "local-drafts": ["--shards", "0", "--draft-tokens", "8"],
+    "cluster-2-drafts": ["--shards", "2", "--draft-tokens", "8"],
     "cluster-2-cache-local-drafts": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024",
-                                     "--router-arg=--draft-tokens=8"],
+                                     "--draft-tokens", "8"],
 }
 
 

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=["off", "local", "redis"], default=None,
                    help="expert-output cache (default: redis with --redis, else off)")
     p.add_argument("--redis", metavar="URL", help="Redis for the expert-output cache, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--draft-tokens", type=int, default=0,
+                   help="repeat drafts: a request that repeats an earlier one verifies up to this many tokens of "
+                        "the earlier output per step (0: off)")
     p.add_argument("--rpc-timeout-s", type=float, default=30.0, help="deadline of one router -> shard call")
     p.add_argument("--router-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for every router, e.g. --router-arg=--no-overlap (repeatable)")
@@ -131,7 +134,7 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
                        "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
-                       *args.router_arg)
+                       "--draft-tokens", str(args.draft_tokens), *args.router_arg)
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i}),
                                     SHARED_CORES_ENV if placement else None))
     return services

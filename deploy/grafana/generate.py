@@ -282,6 +282,10 @@ def cluster() -> dict[str, Any]:
                     target(f"sum(rate(moe_prefix_cache_hit_tokens_total{RATE}))", "reused (prefill skipped)")],
                    w=8, description="Prompt tokens whose KV blocks a router already had: their prefill, dense "
                                     "part and experts, is skipped."),
+        timeseries("Repeat drafts: tokens /s",
+                   [target(f"sum by (result) (rate(moe_draft_tokens_total{RATE}))", "{{result}}")], w=8,
+                   description="Draft tokens of repeated requests verified (--draft-tokens): each accepted one is "
+                               "a decode step a repeat did not take."),
         row("Processes"),
         timeseries("Resident memory", [target('sum by (job, instance) (process_resident_memory_bytes'
                                               '{job=~"gateway|router|expert"})', "{{job}} {{instance}}")],

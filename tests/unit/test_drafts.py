@@ -15,7 +15,7 @@ from router_service.engine.sequence import Sequence
 from router_service.engine.stop import StopChecker
 from router_service.expert_backend import LocalExperts
 from router_service.metrics import EngineMetrics
-from tests.engine_helpers import drain, logprobs, random_prompts, tokens
+from tests.engine_helpers import DeferredExperts, drain, logprobs, random_prompts, tokens
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
 SEEDED = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=40, seed=7, ignore_eos=True, logprobs=1)
@@ -90,6 +90,18 @@ def test_repeats_beside_other_requests_and_while_the_first_still_runs(parts):
     assert [logprobs(o) for o in drafted] == [logprobs(o) for o in plain]
     assert engine.drafts.accepted >= 10  # a repeat drafts from a running request's output so far, too
     assert engine.allocator.num_free == engine.kv.num_blocks
+
+
+def test_drafts_go_with_their_sequence_into_overlapped_micro_batches(parts):
+    prompts = random_prompts(4, 256, seed=18)
+    joins = {0: [(p, GREEDY) for p in prompts], 21: [(p, GREEDY) for p in prompts]}
+    plain = list(drain(make(parts, draft_tokens=0), joins).values())
+    deferred = DeferredExperts(parts[1])
+    engine = make(parts, draft_tokens=4, experts=deferred, overlap=True)
+    drafted = list(drain(engine, joins).values())
+    assert [tokens(o) for o in drafted] == [tokens(o) for o in plain]
+    assert [logprobs(o) for o in drafted] == [logprobs(o) for o in plain]
+    assert engine.drafts.accepted == 4 * 16  # each repeat: 20 tokens in 4 steps of a sampled row and 4 drafts
 
 
 def test_stops_and_lengths_cut_a_drafted_output_where_they_would(parts):

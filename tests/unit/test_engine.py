@@ -11,7 +11,7 @@ from moe_core.loader import load_dense_model, load_expert_shard
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
 from router_service.expert_backend import LocalExperts
-from tests.engine_helpers import drain, tokens
+from tests.engine_helpers import DeferredExperts, drain, tokens
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 
@@ -160,26 +160,6 @@ def test_expert_failure_ends_requests_cleanly(parts):
     failing.fail = False
     prompt = prompts(1)[0]
     assert tokens(drain(engine, {0: [(prompt, GREEDY)]}).popitem()[1]) == solo(parts, prompt)
-
-
-class DeferredExperts(LocalExperts):
-    """Answers each submit only when its result is asked for, as a remote backend does."""
-
-    overlaps = True
-
-    def __init__(self, inner: LocalExperts):
-        super().__init__(inner.experts)
-        self.submitted = 0
-
-    def submit(self, call):
-        self.submitted += 1
-        outer = self
-
-        class Later:
-            def result(self):
-                return outer.forward(call.layer, call.x, call.weights, call.ids)
-
-        return Later()
 
 
 def test_overlapped_micro_batches_compute_the_same(parts):
