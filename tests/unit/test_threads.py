@@ -68,7 +68,7 @@ def test_cluster_routers_take_every_core_and_spin_briefly_and_a_lone_router_keep
     def args(threads: int = 0):
         return SimpleNamespace(routers=1, run_dir=tmp_path, cache="off", redis=None, host="127.0.0.1", dtype="auto",
                                device="cpu", kv_cache_mib=64, max_model_len=0, router_threads=threads,
-                               rpc_timeout_s=5.0, router_arg=[])
+                               rpc_timeout_s=5.0, draft_tokens=0, router_arg=[])
 
     up.start_routers(Group(), args(), tmp_path, placement=None)
     up.start_routers(Group(), args(), tmp_path, placement=tmp_path / "placement.json")
