@@ -156,7 +156,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 logits, to_sample = self._forward(scheduled)
-                generators = {seq: seq.generator.get_state() for seq in scheduled.drafts if seq.generator is not None}
+                generators = {seq: seq.generator.get_state() for seq in scheduled.drafts
+                              if seq.generator is not None and not seq.params.greedy}  # greedy rows draw nothing
                 tokens, logprobs = self.sampler(logits, to_sample)
         except Exception as exc:
             seqs = scheduled.decodes + [s for s, _ in scheduled.prefills]
