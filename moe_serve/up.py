@@ -134,7 +134,7 @@ def start_routers(group: ProcessGroup, args, model: Path, placement: Path | None
                        "--ready-file", str(ready), "--dtype", args.dtype, "--device", args.device,
                        "--kv-cache-mib", str(args.kv_cache_mib), "--max-model-len", str(args.max_model_len),
                        "--threads", str(args.router_threads), "--rpc-timeout-s", str(args.rpc_timeout_s),
-                       "--draft-tokens", str(args.draft_tokens), *args.router_arg)
+                       *(["--draft-tokens", str(args.draft_tokens)] if args.draft_tokens else []), *args.router_arg)
         services.append(group.start(Service(f"router {i}", "router", argv, ready, {"index": i}),
                                     SHARED_CORES_ENV if placement else None))
     return services
