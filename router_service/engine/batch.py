@@ -55,7 +55,7 @@ def build_batch(step: ScheduledStep, block_size: int, device: torch.device
             sample.append(seq)
             logit_rows.append(row + n - 1)
 
-    sample += [seq for seq, draft in step.drafts.items() for _ in draft]
+    sample += decoding[len(step.decodes):]  # the draft rows' sequences, in row order
     logit_rows += range(len(step.decodes), len(decoding))
     batch.token_ids = torch.tensor(tokens, device=device)
     batch.positions = torch.cat(positions).to(device)
