@@ -60,14 +60,21 @@ async def stream_choices(pool: RouterPool, specs: list[ChoiceSpec], request_id: 
     queue: asyncio.Queue[ChoiceEvent | _Finished | Exception] = asyncio.Queue(
         maxsize=QUEUE_CHUNKS_PER_CHOICE * len(specs))
 
-    async def pump(spec: ChoiceSpec) -> None:
+    async def pump(spec: ChoiceSpec, router: str | None) -> None:
         try:
-            await _pump(pool, spec, request_id, deadline, queue)
+            await _pump(pool, spec, request_id, deadline, queue, router)
             await queue.put(_Finished())
         except Exception as exc:  # handed to the consumer, which raises it; CancelledError stays ours
             await queue.put(exc)
 
-    tasks = [asyncio.create_task(pump(spec)) for spec in specs]
+    # A prompt's choices share a router, whose prefix cache then prefills the prompt once for all of them.
+    routers: dict[tuple[int, ...], str] = {}
+    tasks = []
+    for spec in specs:
+        prompt = tuple(spec.prompt_ids)
+        if len(specs) > 1 and prompt not in routers:
+            routers[prompt] = pool.choose()
+        tasks.append(asyncio.create_task(pump(spec, routers.get(prompt))))
     try:
         running = len(tasks)
         while running:
@@ -85,13 +92,13 @@ async def stream_choices(pool: RouterPool, specs: list[ChoiceSpec], request_id: 
 
 
 async def _pump(pool: RouterPool, spec: ChoiceSpec, request_id: str, deadline: float,
-                queue: asyncio.Queue) -> None:
+                queue: asyncio.Queue, router: str | None) -> None:
     finished = False
     timeout_s = deadline - time.monotonic()
     if timeout_s <= 0:
         raise timed_out()
     chunks = pool.generate(spec.prompt_ids, spec.sampling, f"{request_id}-{spec.index}", timeout_s=timeout_s,
-                           trace_id=request_id)
+                           trace_id=request_id, prefer=router)
     async with aclosing(chunks):
         async for chunk in chunks:
             finished = chunk.finished

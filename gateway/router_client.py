@@ -2,6 +2,7 @@
 
 A request goes to the router with the fewest requests in flight from this gateway (least recently picked
 among equals, so idle traffic still spreads); a router that just failed to answer sorts last for a while.
+The choices of one prompt go to one router, whose prefix cache then prefills the prompt once for all.
 gRPC errors become `GatewayError`s carrying the HTTP status the client should see.
 """
 
@@ -95,10 +96,12 @@ class RouterPool:
 
     async def generate(self, prompt_ids: Sequence[int], sampling: router_pb2.SamplingParams, request_id: str,
                        *, timeout_s: float | None = None,
-                       trace_id: str | None = None) -> AsyncIterator[router_pb2.GenerateChunk]:
+                       trace_id: str | None = None, prefer: str | None = None
+                       ) -> AsyncIterator[router_pb2.GenerateChunk]:
         """Stream one generation. Closing or cancelling the iteration cancels the call, freeing the sequence.
 
         `trace_id` (the HTTP request's id) travels as `x-request-id` metadata, so the router's logs carry it.
+        `prefer` (an address from `choose`) goes first unless it is cooling down after a failure.
         A router that is UNAVAILABLE before its first chunk is retried once on another router.
         """
         request = router_pb2.GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling)
@@ -106,7 +109,7 @@ class RouterPool:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         tried: set[str] = set()
         while True:
-            router = self._pick(exclude=tried)
+            router = self._pick(exclude=tried, prefer=prefer)
             tried.add(router.address)
             timeout = _remaining(deadline)
             started = False
@@ -159,9 +162,16 @@ class RouterPool:
             if router.channel is not None:
                 await router.channel.close()
 
-    def _pick(self, exclude: set[str]) -> _Router:
+    def choose(self) -> str:
+        """The router the next request would go to, for requests that should land together (`prefer`)."""
+        return self._pick(exclude=set()).address
+
+    def _pick(self, exclude: set[str], prefer: str | None = None) -> _Router:
         now = time.monotonic()
         candidates = [router for router in self._routers if router.address not in exclude] or self._routers
+        preferred = [router for router in candidates if router.address == prefer and not router.cooling_down(now)]
+        if preferred:
+            return preferred[0]
         router = min(candidates, key=lambda r: (r.cooling_down(now), r.in_flight, r.last_pick))
         router.last_pick = next(self._picks)
         return router

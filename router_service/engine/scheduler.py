@@ -5,7 +5,8 @@ prompt still being prefilled), oldest first, then admits waiting requests first-
 while the token budget, the sequence limit and free KV blocks allow. When the KV cache is full,
 the newest running sequence is preempted (its blocks freed, recomputed later from its tokens), so
 older requests always make progress and nothing is lost. With prefix caching, a sequence being
-admitted first takes the cached blocks of its longest known prefix and prefills only the rest.
+admitted first takes the cached blocks of its longest known prefix and prefills only the rest; one
+whose prompt shares blocks that a running sequence is still prefilling waits for them instead.
 With repeat drafts, the token budget left over goes to draft rows of sequences that repeat an
 earlier request (engine/drafts.py), in blocks that are free: a draft never preempts.
 """
@@ -102,8 +103,11 @@ class Scheduler:
             budget -= len(draft)
 
     def _admit(self, step: ScheduledStep, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self._prefix_in_flight(seq):
+                continue  # admitted once those blocks are cached; the requests behind it go first
             self._reuse_prefix(seq)
             n = min(seq.num_pending, budget)
             need = self.blocks_for(seq.num_cached + n) - len(seq.blocks)
@@ -116,12 +120,34 @@ class Scheduler:
             self.prefix_query_tokens += seq.num_tokens - 1
             self.prefix_hit_tokens += seq.num_cached
             seq.blocks += self.allocator.allocate(need)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             self._place(step, seq, n)
             budget -= n
         return budget
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running sequence is still prefilling full blocks that `seq` could take from the cache.
+
+        Requests with the same prompt that arrive together (a request's `n` choices, retries, a popular
+        prompt under load) would otherwise each prefill it side by side; the later ones wait until the
+        first has cached those blocks (a step or a few), then prefill only what differs.
+        """
+        if not self.allocator.prefix_caching:
+            return False
+        bs, ids = self.config.block_size, seq.token_ids
+        usable = (len(ids) - 1) // bs  # the last token is always computed: its logits are needed
+        for other in self.running:
+            prompt = other.prompt_ids
+            if other.num_cached >= len(prompt) or not prompt or prompt[0] != ids[0]:
+                continue  # its prompt is cached already (or shares no first block)
+            shared, limit = 0, min(usable, len(prompt) // bs)
+            while shared < limit and ids[shared * bs:(shared + 1) * bs] == prompt[shared * bs:(shared + 1) * bs]:
+                shared += 1
+            if shared > other.num_hashed_blocks:
+                return True
+        return False
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq` on the cached blocks of its prompt's longest known prefix (all but the last

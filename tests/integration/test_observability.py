@@ -175,6 +175,23 @@ def test_prompt_tokens_count_at_prefill_and_once_per_choice(up, demo_model):
     assert value(during, "moe_prompt_tokens_total") - value(after, "moe_prompt_tokens_total") == usage["prompt_tokens"]
 
 
+def test_a_requests_choices_prefill_their_prompt_once(up, demo_model):
+    """n=4 over HTTP: the gateway sends the four choices to one router, where the three that find the
+    first still prefilling wait for its KV blocks; every full block of the prompt is computed once."""
+    cluster, _ = up
+    router = next(s["metrics_url"] for s in cluster["services"] if s["role"] == "router")
+    prompt = f"{time.time_ns()} a prompt nobody sent before, long enough to fill several blocks of the cache"
+    before = scrape(router)
+    reply = httpx.post(cluster["url"] + "/v1/completions", timeout=120, json={
+        "model": demo_model.resolve().name, "prompt": prompt, "max_tokens": 2, "n": 4, "temperature": 0}).json()
+    after = scrape(router)
+    cached = (reply["usage"]["prompt_tokens"] - 1) // 16 * 16  # the router's 16-token blocks
+    assert cached >= 32
+    assert value(after, "moe_prefix_cache_hit_tokens_total") - value(before, "moe_prefix_cache_hit_tokens_total") \
+        == 3 * cached
+    assert len({choice["text"] for choice in reply["choices"]}) == 1  # greedy: four times the same
+
+
 def _heatmap_module():
     spec = importlib.util.spec_from_file_location("make_heatmap", ROOT / "docs" / "make_heatmap.py")
     module = importlib.util.module_from_spec(spec)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from gateway.errors import GatewayError
+from gateway.generation import ChoiceSpec, stream_choices
 from gateway.router_client import RouterPool, error_from_rpc
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import SERVER_ORIGIN
@@ -159,6 +161,33 @@ def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
     assert [r.request_id for r in first.requests] == ["busy"]
     assert [r.request_id for r in second.requests] == ["second"]
     assert first.cancelled == ["busy"]  # closing the iteration cancelled the call
+
+
+def test_the_choices_of_one_prompt_go_to_one_router(harness: Harness):
+    """n choices of a prompt on one router: its prefix cache prefills the prompt once for all of them."""
+    async def scenario() -> tuple[FakeRouter, FakeRouter]:
+        fakes, servers, addresses = [], [], []
+        for _ in range(2):
+            fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
+            router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            fakes.append(fake)
+            servers.append(server)
+        pool = RouterPool(addresses)
+        sampling = router_pb2.SamplingParams(max_tokens=4)
+        specs = [ChoiceSpec(i, prompt, sampling) for i, prompt in enumerate([[1, 300]] * 3 + [[1, 400]] * 3)]
+        async with aclosing(stream_choices(pool, specs, "n3", time.monotonic() + 30)) as events:
+            finished = [event.index async for event in events if event.chunk.finished]
+        assert sorted(finished) == list(range(6))
+        await pool.close()
+        for server in servers:
+            await server.stop(grace=None)
+        return fakes[0], fakes[1]
+
+    first, second = asyncio.run(scenario())
+    by_router = [sorted(tuple(r.prompt_ids) for r in fake.requests) for fake in (first, second)]
+    assert sorted(by_router) == [[(1, 300)] * 3, [(1, 400)] * 3]  # each prompt on one router, the two spread
 
 
 def run_gateway(*args: str) -> subprocess.Popen:

@@ -94,10 +94,11 @@ def parts(tiny_checkpoint):
     return load_dense_model(path), LocalExperts(load_expert_shard(path, None)[1])
 
 
-def make(parts, prefix_caching=True, kv_bytes=4 << 20, observer=None):
+def make(parts, prefix_caching=True, kv_bytes=4 << 20, observer=None, budget=2048):
     model, experts = parts
     counter = RowCounter(experts)
-    config = EngineConfig(kv_cache_bytes=kv_bytes, block_size=BS, prefix_caching=prefix_caching)
+    config = EngineConfig(kv_cache_bytes=kv_bytes, block_size=BS, prefix_caching=prefix_caching,
+                          max_num_batched_tokens=budget)
     return Engine(model, counter, None, config, observer), counter
 
 
@@ -157,3 +158,62 @@ def test_prefix_cache_metrics_count_looked_up_and_reused_tokens(parts):
     run(engine, prompt)
     assert registry.get_sample_value("moe_prefix_cache_query_tokens_total") == 2 * 20
     assert registry.get_sample_value("moe_prefix_cache_hit_tokens_total") == 20
+
+
+# -- a prompt that another request is still prefilling --------------------------------------------
+
+
+def test_requests_with_the_same_prompt_arriving_together_prefill_it_once(parts):
+    """A request's n choices, or the same prompt sent four times at once: the first prefills the
+    prompt, the others wait one step and take its blocks; the outputs are those of four lone runs."""
+    engine, counter = make(parts)
+    moe_layers = len(parts[0].cfg.moe_layers)
+    prompt = random_prompts(1, 256, seed=17, low=30, high=31)[0]  # 7 full blocks + 2
+    results = drain(engine, {0: [(prompt, GREEDY)] * 4})
+    decode_rows = 4 * (GREEDY.max_tokens - 1)
+    assert counter.rows == (30 + 3 * 2 + decode_rows) * moe_layers  # without the wait: (4 * 30 + ...)
+    assert engine.scheduler.prefix_hit_tokens == 3 * 28
+    reference, _ = make(parts, prefix_caching=False)
+    alone = run(reference, prompt)
+    for outs in results.values():
+        assert tokens(outs) == tokens(alone)
+        torch.testing.assert_close(torch.tensor(logprobs(outs)), torch.tensor(logprobs(alone)), atol=1e-4, rtol=0)
+    assert engine.allocator.num_free == engine.kv.num_blocks
+
+
+def test_a_request_waits_for_a_shared_prefix_in_chunks_while_others_go_ahead(parts):
+    """The first prompt's prefill takes two steps of a 24-token budget. A request sharing its first 32
+    tokens waits for them; an unrelated request behind it in the queue is admitted meanwhile."""
+    engine, counter = make(parts, budget=24)
+    moe_layers = len(parts[0].cfg.moe_layers)
+    first = random_prompts(1, 256, seed=18, low=40, high=41)[0]
+    shares, other = random_prompts(2, 256, seed=19, low=5, high=6)
+    shares = first[:32] + shares
+    other = [*other, 7, 7, 7]  # 8 tokens, nothing in common
+    engine.add_request(first, GREEDY, "first")
+    engine.add_request(shares, GREEDY, "shares")
+    engine.add_request(other, GREEDY, "other")
+    first_token_step = {}
+    for step in range(64):
+        for out in engine.step():
+            first_token_step.setdefault(out.request_id, step)
+        if not engine.has_unfinished():
+            break
+    assert first_token_step == {"first": 1, "other": 1, "shares": 2}
+    assert engine.scheduler.prefix_hit_tokens == 32
+    assert counter.rows == (40 + 5 + 8 + 3 * (GREEDY.max_tokens - 1)) * moe_layers
+
+
+def test_a_waiting_request_goes_on_by_itself_when_the_first_is_aborted(parts):
+    engine, _ = make(parts, budget=24)
+    prompt = random_prompts(1, 256, seed=20, low=40, high=41)[0]
+    engine.add_request(prompt, GREEDY, "first")
+    engine.add_request(prompt, GREEDY, "again")
+    assert engine.step() == [] and engine.num_waiting == 1  # the first is mid-prefill, the repeat waits
+    engine.abort("first")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    reference, _ = make(parts, prefix_caching=False)
+    assert tokens(outs) == tokens(run(reference, prompt))
+    assert engine.scheduler.prefix_hit_tokens == 24  # the aborted request's first chunk stayed cached
