@@ -26,16 +26,20 @@ class Result:
     output_tokens: int = 0
     error: str | None = None
     repeat: bool = False  # the request repeats an earlier prompt of the workload
+    choices: int = 1  # completions in the request (n); output_tokens counts them all
 
     @property
     def tpot(self) -> float | None:
-        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        per_choice = self.output_tokens / self.choices
+        return (self.e2e - self.ttft) / (per_choice - 1) if per_choice > 1 else None
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request) -> Result:
+async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request, choices: int = 1) -> Result:
     body = {"model": model, "prompt": request.prompt_ids, "max_tokens": request.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    result, started, last = Result(repeat=request.repeat), time.perf_counter(), None
+    if choices > 1:
+        body["n"] = choices
+    result, started, last = Result(repeat=request.repeat, choices=choices), time.perf_counter(), None
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -63,8 +67,9 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
 
 
 async def run_load(base_url: str, model: str, requests: list[Request], concurrency: int,
-                   progress=None) -> tuple[list[Result], float]:
-    """Send `requests` keeping `concurrency` in flight; -> per-request results and the wall time."""
+                   progress=None, choices: int = 1) -> tuple[list[Result], float]:
+    """Send `requests` keeping `concurrency` in flight, each asking for `choices` completions;
+    -> per-request results and the wall time."""
     queue: asyncio.Queue[Request] = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
@@ -74,7 +79,7 @@ async def run_load(base_url: str, model: str, requests: list[Request], concurren
         async def worker() -> None:
             while not queue.empty():
                 request = queue.get_nowait()
-                results.append(await _one(client, f"{base_url}/v1/completions", model, request))
+                results.append(await _one(client, f"{base_url}/v1/completions", model, request, choices))
                 if progress is not None:
                     progress.update(1)
 

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-range", type=int, nargs=2, default=[32, 512])
     p.add_argument("--output-range", type=int, nargs=2, default=[16, 128])
     p.add_argument("--repeat-fraction", type=float, default=0.0, help="share of requests repeating a prompt")
+    p.add_argument("--choices", type=int, default=1,
+                   help="completions per request (OpenAI's n), every one of its tokens counted; our configs only")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("bench/out"))
@@ -148,13 +150,14 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
     running = start(name, model, run_dir, args.dtype, args.up_flag, redis_url=args.redis_url)
     try:
         model_name = model.resolve().name
-        asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1))
+        asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1, choices=args.choices))
         before, cache_before = running.dispatch(), running.cache_counts()
         runs = []
         for concurrency, requests in workloads.items():
             cpu, steal = running.cpu_seconds(), steal_seconds()
             with tqdm(total=len(requests), desc=f"{name} c={concurrency}", leave=False) as bar:
-                results, wall = asyncio.run(run_load(running.url, model_name, requests, concurrency, bar))
+                results, wall = asyncio.run(run_load(running.url, model_name, requests, concurrency, bar,
+                                                     choices=args.choices))
             after = running.dispatch()
             summary = summarize(results, wall) | {"concurrency": concurrency}
             summary |= cpu_summary(cpu, running.cpu_seconds(), steal_seconds() - steal, wall, summary)
@@ -180,6 +183,8 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
 def run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if args.choices < 1 or (args.choices > 1 and set(args.configs) & set(EXTERNAL)):
+        raise SystemExit("--choices must be at least 1, and 1 with transformers or llama.cpp (no `n` there)")
     model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
     cfg = load_config(model)
     workloads = {c: level_workload(args, cfg.vocab_size, c) for c in sorted(args.concurrency)}
@@ -187,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
               "git": _revision(), "machine": f"{platform.machine()} {platform.processor()} cores={_cores()}",
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
-                  "repeat_fraction": args.repeat_fraction, "seed": args.seed,
+                  "repeat_fraction": args.repeat_fraction, "choices": args.choices, "seed": args.seed,
                   "level_seeds": {c: level_seed(args, c) for c in sorted(args.concurrency)}},
               "rounds": args.rounds, "configs": [bench_config(name, model, args, workloads) | {"round": r}
                                                  for r in range(1, args.rounds + 1) for name in args.configs]}
