@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve(settings: GatewaySettings, tokenizer: Tokenizer) -> int:
-    pool = RouterPool(settings.router)
+    pool = RouterPool(settings.router, settings.router_affinity_tokens)
     ready_file = Path(settings.ready_file) if settings.ready_file else None
     try:
         info = await wait_for_router(pool, settings.startup_timeout_s)

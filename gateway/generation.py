@@ -73,7 +73,7 @@ async def stream_choices(pool: RouterPool, specs: list[ChoiceSpec], request_id: 
     for spec in specs:
         prompt = tuple(spec.prompt_ids)
         if len(specs) > 1 and prompt not in routers:
-            routers[prompt] = pool.choose()
+            routers[prompt] = pool.choose(spec.prompt_ids)
         tasks.append(asyncio.create_task(pump(spec, routers.get(prompt))))
     try:
         running = len(tasks)

@@ -1,17 +1,23 @@
 """Client side of `moe.v1.RouterService` over one or more routers, each serving whole requests.
 
-A request goes to the router with the fewest requests in flight from this gateway (least recently picked
-among equals, so idle traffic still spreads); a router that just failed to answer sorts last for a while.
-The choices of one prompt go to one router, whose prefix cache then prefills the prompt once for all.
+A request goes to the router its prompt's first tokens hash to (rendezvous hashing over the addresses,
+so every gateway replica agrees and adding a router moves only the prompts that now hash to it): a
+repeated prompt, the choices of one prompt, a shared system prompt or a conversation's next turn then
+meet the KV blocks that router's prefix cache holds. That router is passed over when it has
+AFFINITY_SLACK more requests in flight than the least busy one, or when it just failed to answer;
+then, and with affinity off, the router with the fewest requests in flight from this gateway takes it
+(least recently picked among equals, so idle traffic still spreads).
 gRPC errors become `GatewayError`s carrying the HTTP status the client should see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
+from array import array
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +34,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts and logprob-heavy chunks ex
 FAILURE_COOLDOWN_S = 5.0  # how long a router that did not answer sorts behind the others
 INFO_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 1  # queue full or no capacity: worth trying again soon
+AFFINITY_SLACK = 8  # requests in flight a prompt's own router may have beyond the least busy one
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -80,10 +87,11 @@ class _Router:
 class RouterPool:
     """The routers behind this gateway: generation with failover, model info and readiness."""
 
-    def __init__(self, addresses: Sequence[str]):
+    def __init__(self, addresses: Sequence[str], affinity_tokens: int = 256):
         if not addresses:
             raise ValueError("RouterPool needs at least one router address")
         self._routers = [_Router(address) for address in addresses]
+        self.affinity_tokens = affinity_tokens  # 0: no prompt affinity, the least busy router always
         self._picks = itertools.count(1)
         self._info: router_pb2.ModelInfo | None = None
 
@@ -101,13 +109,15 @@ class RouterPool:
         """Stream one generation. Closing or cancelling the iteration cancels the call, freeing the sequence.
 
         `trace_id` (the HTTP request's id) travels as `x-request-id` metadata, so the router's logs carry it.
-        `prefer` (an address from `choose`) goes first unless it is cooling down after a failure.
-        A router that is UNAVAILABLE before its first chunk is retried once on another router.
+        It goes to `prefer` (an address from `choose`), by default the prompt's own router (`affinity`),
+        unless that one is busy or failing. A router that is UNAVAILABLE before its first chunk is
+        retried once on another router.
         """
         request = router_pb2.GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling)
         metadata = ((REQUEST_ID_HEADER, trace_id),) if trace_id else None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         tried: set[str] = set()
+        prefer = prefer or self.affinity(prompt_ids)
         while True:
             router = self._pick(exclude=tried, prefer=prefer)
             tried.add(router.address)
@@ -162,17 +172,27 @@ class RouterPool:
             if router.channel is not None:
                 await router.channel.close()
 
-    def choose(self) -> str:
-        """The router the next request would go to, for requests that should land together (`prefer`)."""
-        return self._pick(exclude=set()).address
+    def affinity(self, prompt_ids: Sequence[int]) -> str | None:
+        """The router whose prefix cache a prompt belongs in: the highest hash of (its first
+        `affinity_tokens` tokens, address). None with one router or affinity off."""
+        if self.affinity_tokens <= 0 or len(self._routers) == 1:
+            return None
+        head = array("q", prompt_ids[:self.affinity_tokens]).tobytes()
+        return max(self.addresses,
+                   key=lambda address: hashlib.blake2b(address.encode() + b"\0" + head, digest_size=8).digest())
+
+    def choose(self, prompt_ids: Sequence[int]) -> str:
+        """Where a prompt's requests that should land together (its `n` choices) go: its own router,
+        else the one the next request would go to."""
+        return self.affinity(prompt_ids) or self._pick(exclude=set()).address
 
     def _pick(self, exclude: set[str], prefer: str | None = None) -> _Router:
         now = time.monotonic()
         candidates = [router for router in self._routers if router.address not in exclude] or self._routers
-        preferred = [router for router in candidates if router.address == prefer and not router.cooling_down(now)]
-        if preferred:
-            return preferred[0]
-        router = min(candidates, key=lambda r: (r.cooling_down(now), r.in_flight, r.last_pick))
+        least = min(candidates, key=lambda r: (r.cooling_down(now), r.in_flight, r.last_pick))
+        preferred = next((r for r in candidates if r.address == prefer and not r.cooling_down(now)), None)
+        busy = preferred is None or preferred.in_flight > least.in_flight + AFFINITY_SLACK
+        router = least if busy else preferred
         router.last_pick = next(self._picks)
         return router
 

@@ -35,6 +35,10 @@ class GatewaySettings:
     max_n: int = setting(16, "Largest `n` (completions per prompt) accepted")
     max_stop_sequences: int = setting(8, "Most stop strings one request may give")
     max_choices: int = setting(256, "Most completions one request may ask for (prompts × n), each a router call")
+    router_affinity_tokens: int = setting(256, "With several routers, prompts that begin with the same this many "
+                                               "tokens go to the same router (unless it has 8 more requests in "
+                                               "flight than the least busy), so its prefix cache serves repeats, "
+                                               "shared system prompts and conversations; 0: the least busy always")
     startup_timeout_s: float = setting(60.0, "How long to wait at start for a router to answer before giving up")
     max_prompt_tokens: int = setting(0, "Longest prompt accepted, in tokens (400 beyond; 0: the model's context)")
     max_tokens_limit: int = setting(0, "Largest max_tokens a request may ask for (400 beyond; 0: the model's "
@@ -77,6 +81,7 @@ class GatewaySettings:
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be positive")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", "must not be negative")
         check(self.drain_grace_s >= 0, "drain_grace_s", "must not be negative")
+        check(self.router_affinity_tokens >= 0, "router_affinity_tokens", "must not be negative (0: off)")
         for name in ("max_prompt_tokens", "max_tokens_limit", "rate_limit_rpm", "max_streams_per_key"):
             check(getattr(self, name) >= 0, name, "must not be negative (0: no limit)")
         self.configured_keys()

@@ -6,7 +6,7 @@ while the token budget, the sequence limit and free KV blocks allow. When the KV
 the newest running sequence is preempted (its blocks freed, recomputed later from its tokens), so
 older requests always make progress and nothing is lost. With prefix caching, a sequence being
 admitted first takes the cached blocks of its longest known prefix and prefills only the rest; one
-whose prompt shares blocks that a running sequence is still prefilling waits for them instead.
+whose prompt is mostly blocks that a running sequence is still prefilling waits for them instead.
 With repeat drafts, the token budget left over goes to draft rows of sequences that repeat an
 earlier request (engine/drafts.py), in blocks that are free: a draft never preempts.
 """
@@ -128,11 +128,12 @@ class Scheduler:
         return budget
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
-        """Whether a running sequence is still prefilling full blocks that `seq` could take from the cache.
+        """Whether a running sequence is still prefilling full blocks that make up at least half of `seq`.
 
         Requests with the same prompt that arrive together (a request's `n` choices, retries, a popular
         prompt under load) would otherwise each prefill it side by side; the later ones wait until the
-        first has cached those blocks (a step or a few), then prefill only what differs.
+        first has cached those blocks (a step or a few), then prefill only what differs. A smaller share
+        is not worth a step of the request's latency.
         """
         if not self.allocator.prefix_caching:
             return False
@@ -145,7 +146,7 @@ class Scheduler:
             shared, limit = 0, min(usable, len(prompt) // bs)
             while shared < limit and ids[shared * bs:(shared + 1) * bs] == prompt[shared * bs:(shared + 1) * bs]:
                 shared += 1
-            if shared > other.num_hashed_blocks:
+            if shared > other.num_hashed_blocks and 2 * shared * bs >= len(ids):
                 return True
         return False
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import aclosing
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.generation import ChoiceSpec, stream_choices
-from gateway.router_client import RouterPool, error_from_rpc
+from gateway.router_client import AFFINITY_SLACK, RouterPool, error_from_rpc
 from moe_core.pb import router_pb2, router_pb2_grpc
 from moe_core.rpc import SERVER_ORIGIN
 from moe_serve.ports import free_port
@@ -144,7 +146,7 @@ def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
             await server.start()
             fakes.append(fake)
             servers.append(server)
-        pool = RouterPool(addresses)
+        pool = RouterPool(addresses, affinity_tokens=0)
         sampling = router_pb2.SamplingParams(max_tokens=4)
         hanging = pool.generate(harness.tokenizer.encode("#hang1"), sampling, "busy")
         await anext(hanging)  # one request in flight, on the first router
@@ -163,18 +165,24 @@ def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
     assert first.cancelled == ["busy"]  # closing the iteration cancelled the call
 
 
+async def fake_routers(harness: Harness, n: int) -> tuple[list[FakeRouter], list[grpc.aio.Server], list[str]]:
+    fakes, servers, addresses = [], [], []
+    for _ in range(n):
+        fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        fakes.append(fake)
+        servers.append(server)
+    return fakes, servers, addresses
+
+
 def test_the_choices_of_one_prompt_go_to_one_router(harness: Harness):
-    """n choices of a prompt on one router: its prefix cache prefills the prompt once for all of them."""
+    """n choices of a prompt on one router, even with prompt affinity off: its prefix cache prefills
+    the prompt once for all of them."""
     async def scenario() -> tuple[FakeRouter, FakeRouter]:
-        fakes, servers, addresses = [], [], []
-        for _ in range(2):
-            fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
-            router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            await server.start()
-            fakes.append(fake)
-            servers.append(server)
-        pool = RouterPool(addresses)
+        fakes, servers, addresses = await fake_routers(harness, 2)
+        pool = RouterPool(addresses, affinity_tokens=0)
         sampling = router_pb2.SamplingParams(max_tokens=4)
         specs = [ChoiceSpec(i, prompt, sampling) for i, prompt in enumerate([[1, 300]] * 3 + [[1, 400]] * 3)]
         async with aclosing(stream_choices(pool, specs, "n3", time.monotonic() + 30)) as events:
@@ -188,6 +196,54 @@ def test_the_choices_of_one_prompt_go_to_one_router(harness: Harness):
     first, second = asyncio.run(scenario())
     by_router = [sorted(tuple(r.prompt_ids) for r in fake.requests) for fake in (first, second)]
     assert sorted(by_router) == [[(1, 300)] * 3, [(1, 400)] * 3]  # each prompt on one router, the two spread
+
+
+def test_a_prompt_goes_to_its_own_router_every_time(harness: Harness):
+    """Prompt affinity over two routers: each prompt's requests, one at a time, all land on the router
+    its first tokens hash to, and the prompts use both routers."""
+    prompts = [[1, 300 + i, 7, 8] for i in range(24)]  # all on one router: 2 in 2^24
+
+    async def scenario() -> tuple[list[FakeRouter], list[str], RouterPool]:
+        fakes, servers, addresses = await fake_routers(harness, 2)
+        pool = RouterPool(addresses, affinity_tokens=3)
+        for round_ in range(2):
+            for i, prompt in enumerate(prompts):
+                async for _ in pool.generate([*prompt[:3], round_], router_pb2.SamplingParams(max_tokens=2), f"{i}"):
+                    pass
+        await pool.close()
+        for server in servers:
+            await server.stop(grace=None)
+        return fakes, addresses, pool
+
+    fakes, addresses, pool = asyncio.run(scenario())
+    for fake, address in zip(fakes, addresses, strict=True):
+        served = sorted(list(r.prompt_ids[:3]) for r in fake.requests)
+        assert served and served == sorted(p[:3] for p in prompts if pool.affinity(p) == address for _ in range(2))
+
+
+def test_prompt_affinity_is_stable_spread_and_gives_way_to_load():
+    addresses = ["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(32000) for _ in range(rng.randint(4, 20))] for _ in range(300)]
+    pool = RouterPool(addresses, affinity_tokens=8)
+    owners = [pool.affinity(p) for p in prompts]
+    assert owners == [RouterPool(addresses, affinity_tokens=8).affinity(p) for p in prompts]  # every gateway agrees
+    assert set(Counter(owners)) == set(addresses) and min(Counter(owners).values()) >= 60
+    assert all(pool.affinity([*p[:8], 1, 2]) == owner for p, owner in zip(prompts, owners, strict=True)
+               if len(p) >= 8)  # only the first 8 tokens count
+    smaller = RouterPool(addresses[:2], affinity_tokens=8)  # a router gone: only its prompts move
+    assert all(smaller.affinity(p) == owner for p, owner in zip(prompts, owners, strict=True) if owner != addresses[2])
+    assert RouterPool(addresses, affinity_tokens=0).affinity(prompts[0]) is None
+    assert RouterPool(addresses[:1]).affinity(prompts[0]) is None
+
+    own = owners[0]
+    routers = {r.address: r for r in pool._routers}
+    routers[own].in_flight = AFFINITY_SLACK  # the others idle: still within the slack
+    assert pool._pick(set(), prefer=own).address == own
+    routers[own].in_flight = AFFINITY_SLACK + 1
+    assert pool._pick(set(), prefer=own).address != own
+    routers[own].in_flight, routers[own].failed_at = 0, time.monotonic()  # just failed: cooling down
+    assert pool._pick(set(), prefer=own).address != own
 
 
 def run_gateway(*args: str) -> subprocess.Popen:

@@ -182,26 +182,26 @@ def test_requests_with_the_same_prompt_arriving_together_prefill_it_once(parts):
 
 
 def test_a_request_waits_for_a_shared_prefix_in_chunks_while_others_go_ahead(parts):
-    """The first prompt's prefill takes two steps of a 24-token budget. A request sharing its first 32
-    tokens waits for them; an unrelated request behind it in the queue is admitted meanwhile."""
-    engine, counter = make(parts, budget=24)
+    """The first prompt's prefill takes two steps of a 32-token budget. A request that is mostly that
+    prompt waits for its blocks; one sharing less than half of its own prompt with it is not worth a
+    step of latency and goes ahead, from the blocks cached so far."""
+    engine, counter = make(parts, budget=32)
     moe_layers = len(parts[0].cfg.moe_layers)
-    first = random_prompts(1, 256, seed=18, low=40, high=41)[0]
-    shares, other = random_prompts(2, 256, seed=19, low=5, high=6)
-    shares = first[:32] + shares
-    other = [*other, 7, 7, 7]  # 8 tokens, nothing in common
-    engine.add_request(first, GREEDY, "first")
-    engine.add_request(shares, GREEDY, "shares")
-    engine.add_request(other, GREEDY, "other")
+    first, own, more = random_prompts(3, 256, seed=18, low=48, high=49)
+    mostly = first[:44] + own[:3]  # 11 of its 12 blocks are the first prompt's
+    partly = first[:36] + more[:40]  # 9 of 19 blocks
+    for request_id, prompt in (("first", first), ("mostly", mostly), ("partly", partly)):
+        engine.add_request(prompt, GREEDY, request_id)
     first_token_step = {}
     for step in range(64):
         for out in engine.step():
             first_token_step.setdefault(out.request_id, step)
         if not engine.has_unfinished():
             break
-    assert first_token_step == {"first": 1, "other": 1, "shares": 2}
-    assert engine.scheduler.prefix_hit_tokens == 32
-    assert counter.rows == (40 + 5 + 8 + 3 * (GREEDY.max_tokens - 1)) * moe_layers
+    # step 0: first 32 tokens; step 1: first 16, partly 16 (8 blocks cached); step 2: partly 28, mostly 3
+    assert first_token_step == {"first": 1, "partly": 2, "mostly": 2}
+    assert engine.scheduler.prefix_hit_tokens == 32 + 44
+    assert counter.rows == (48 + 44 + 3 + 3 * (GREEDY.max_tokens - 1)) * moe_layers
 
 
 def test_a_waiting_request_goes_on_by_itself_when_the_first_is_aborted(parts):
