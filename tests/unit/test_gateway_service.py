@@ -136,16 +136,21 @@ def test_no_router_reachable_is_503():
     assert error.status == 503 and "127.0.0.1" not in error.message
 
 
+async def fake_routers(harness: Harness, n: int) -> tuple[list[FakeRouter], list[grpc.aio.Server], list[str]]:
+    fakes, servers, addresses = [], [], []
+    for _ in range(n):
+        fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        fakes.append(fake)
+        servers.append(server)
+    return fakes, servers, addresses
+
+
 def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
     async def scenario() -> tuple[FakeRouter, FakeRouter]:
-        fakes, servers, addresses = [], [], []
-        for _ in range(2):
-            fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
-            router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            await server.start()
-            fakes.append(fake)
-            servers.append(server)
+        fakes, servers, addresses = await fake_routers(harness, 2)
         pool = RouterPool(addresses, affinity_tokens=0)
         sampling = router_pb2.SamplingParams(max_tokens=4)
         hanging = pool.generate(harness.tokenizer.encode("#hang1"), sampling, "busy")
@@ -163,18 +168,6 @@ def test_requests_go_to_the_router_with_fewest_in_flight(harness: Harness):
     assert [r.request_id for r in first.requests] == ["busy"]
     assert [r.request_id for r in second.requests] == ["second"]
     assert first.cancelled == ["busy"]  # closing the iteration cancelled the call
-
-
-async def fake_routers(harness: Harness, n: int) -> tuple[list[FakeRouter], list[grpc.aio.Server], list[str]]:
-    fakes, servers, addresses = [], [], []
-    for _ in range(n):
-        fake, server = FakeRouter(harness.tokenizer), grpc.aio.server()
-        router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
-        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        fakes.append(fake)
-        servers.append(server)
-    return fakes, servers, addresses
 
 
 def test_the_choices_of_one_prompt_go_to_one_router(harness: Harness):
