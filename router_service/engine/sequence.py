@@ -45,6 +45,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # text for stop strings and streaming
     draft: list[int] | None = None  # an earlier output of the same prompt and sampling (engine/drafts.py)
     draft_key: tuple | None = None  # the prompt and sampling that decide the tokens, when drafting applies
+    # while waiting: the running sequence whose prefill it waits for, and the blocks they share (scheduler.py)
+    prefix_wait: tuple[Sequence, int] | None = None
 
     @property
     def token_ids(self) -> list[int]:

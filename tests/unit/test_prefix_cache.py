@@ -9,6 +9,7 @@ from moe_core.loader import load_dense_model, load_expert_shard
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.kv_cache import BlockAllocator
 from router_service.engine.params import SamplingParams
+from router_service.engine.scheduler import _common_blocks
 from router_service.expert_backend import LocalExperts, WrappedBackend
 from router_service.metrics import EngineMetrics, new_registry
 from tests.engine_helpers import drain, logprobs, random_prompts, tokens
@@ -73,6 +74,16 @@ def test_without_prefix_caching_nothing_is_kept():
     pool = BlockAllocator(4, BS, prefix_caching=False)
     cache_blocks(pool, list(range(8)))
     assert pool.match(list(range(8)), 8) == ([], 0) and pool.num_cached == 0
+
+
+def test_common_blocks_counts_whole_shared_blocks_up_to_the_limit():
+    a = list(range(100, 140))  # ten blocks of 4
+    for differ_at, blocks in ((0, 0), (3, 0), (4, 1), (17, 4), (39, 9)):
+        b = list(a)
+        b[differ_at] = -1
+        assert _common_blocks(a, b, 10, BS) == blocks, differ_at
+    assert _common_blocks(a, list(a), 10, BS) == 10 and _common_blocks(a, list(a), 6, BS) == 6
+    assert _common_blocks(a, a[:22], 5, BS) == 5 and _common_blocks(a, [], 0, BS) == 0
 
 
 # -- the engine ---------------------------------------------------------------------------------
