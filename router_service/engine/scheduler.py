@@ -120,6 +120,7 @@ class Scheduler:
             self.prefix_query_tokens += seq.num_tokens - 1
             self.prefix_hit_tokens += seq.num_cached
             seq.blocks += self.allocator.allocate(need)
+            seq.prefix_wait = None
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
