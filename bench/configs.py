@@ -21,6 +21,7 @@ CONFIGS = {
     "local": ["--shards", "0"],  # one process: experts inside the router (plus the gateway)
     "cluster-2": ["--shards", "2"],
     "cluster-2x2": ["--shards", "2", "--replicas", "2"],
+    "cluster-2-ffn": ["--shards", "2", "--split", "ffn"],  # half of every expert's FFN per shard
     "cluster-2-layers": ["--shards", "2", "--split", "layers"],  # whole layers per shard
     # the local tier sized to hold a whole run (warm-up plus 64 requests write ~300 MiB of rows)
     "cluster-2-cache-local": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024"],

@@ -19,7 +19,7 @@ from moe_core.dtypes import resolve_device, resolve_dtype
 from moe_core.errors import ConfigError
 from moe_core.metrics import serve_metrics
 from moe_core.pb import expert_pb2, expert_pb2_grpc
-from moe_core.placement import load_placement, pairs_from_spec, parse_ids
+from moe_core.placement import ShardSpec, load_placement, pairs_from_spec, parse_ffn, parse_ids
 from moe_core.revision import model_revision
 from moe_core.rpc import Tls, add_health, bind, new_server, set_serving, stop_event_on_signals, write_ready_file
 from moe_core.threads import compute_threads, use_threads
@@ -29,26 +29,29 @@ log = logging.getLogger("expert_service")
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
-def shard_pairs(settings: ExpertSettings, cfg) -> list[tuple[int, int]]:
+def shard_spec(settings: ExpertSettings, cfg) -> ShardSpec:
     if settings.placement:
         for spec in load_placement(settings.placement, cfg):
             if spec.shard_id == settings.shard_id:
-                return spec.pairs
+                return spec
         raise ConfigError(f"{settings.placement}: no shard named '{settings.shard_id}'")
     layers = None if settings.layers is None else parse_ids(settings.layers, cfg.num_hidden_layers, "--layers")
-    return pairs_from_spec(cfg, settings.experts, layers, "--experts")
+    ffn = parse_ffn(settings.ffn, "--ffn")
+    if ffn[1] > cfg.moe_intermediate_size:
+        raise ConfigError(f"--ffn: cannot cut an FFN of {cfg.moe_intermediate_size} into {ffn[1]} parts")
+    return ShardSpec(settings.shard_id, pairs_from_spec(cfg, settings.experts, layers, "--experts"), ffn=ffn)
 
 
 def build_shard(settings: ExpertSettings) -> ExpertShard:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     cfg = load_config(settings.model)
-    pairs = shard_pairs(settings, cfg)
-    experts = load_experts(Checkpoint(settings.model), cfg, pairs, dtype, device)
+    spec = shard_spec(settings, cfg)
+    experts = load_experts(Checkpoint(settings.model), cfg, spec.pairs, dtype, device, ffn=spec.ffn)
     return ExpertShard(cfg, experts, model_id=settings.model_id or Path(settings.model).resolve().name,
                        revision=model_revision(settings.model), shard_id=settings.shard_id,
                        replica_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, ffn=spec.ffn)
 
 
 async def serve(settings: ExpertSettings) -> None:
@@ -68,9 +71,10 @@ async def serve(settings: ExpertSettings) -> None:
     metrics_port = serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     await set_serving(health, [SERVICE], True)
     held = sum(len(e.expert_ids) for e in shard.experts.values())
-    log.info("shard %s serving %d experts over %d layers of %s (revision %s, %s on %s) at %s:%d",
-             shard.shard_id, held, len(shard.experts), shard.model_id, shard.revision, shard.dtype, shard.device,
-             settings.host, port)
+    part = f" (FFN part {shard.ffn[0] + 1} of {shard.ffn[1]})" if shard.ffn[1] > 1 else ""
+    log.info("shard %s serving %d experts%s over %d layers of %s (revision %s, %s on %s) at %s:%d",
+             shard.shard_id, held, part, len(shard.experts), shard.model_id, shard.revision, shard.dtype,
+             shard.device, settings.host, port)
     if data_plane:
         log.info("data plane at %s:%d", settings.host, shard.data_port)
     write_ready_file(settings.ready_file, port=port, metrics_port=metrics_port, data_port=shard.data_port,

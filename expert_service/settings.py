@@ -16,6 +16,8 @@ class ExpertSettings:
     shard_id: str = setting("shard-0", "name of the shard served (replicas of a shard share it)")
     experts: str | None = setting(None, "experts held on every MoE layer: '0-3', '0,2,5-7' or 'all'")
     layers: str | None = setting(None, "with --experts: only these MoE layers, e.g. '0-3' (default: all)")
+    ffn: str = setting("0/1", "with --experts: the slice PART/PARTS of each expert's FFN computed here, e.g. '1/2' "
+                              "(tensor-parallel experts; the router adds the parts up)")
     placement: str | None = setting(None, "placement file (JSON); serves the shard named by --shard-id")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = setting(50051, "gRPC port (0 picks a free port; see --ready-file)")
@@ -40,6 +42,7 @@ class ExpertSettings:
     def validate(self) -> None:
         check(bool(self.experts) != bool(self.placement), "experts", "give exactly one of --experts or --placement")
         check(self.layers is None or bool(self.experts), "layers", "--layers only goes with --experts")
+        check(self.ffn == "0/1" or bool(self.experts), "ffn", "--ffn only goes with --experts (a placement names it)")
         check(0 <= self.port < 65536, "port", f"{self.port} is not a TCP port")
         check(-1 <= self.data_port < 65536, "data_port", f"{self.data_port} is not a TCP port (or -1)")
         check(-1 <= self.metrics_port < 65536, "metrics_port", f"{self.metrics_port} is not a TCP port (or -1)")

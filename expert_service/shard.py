@@ -20,8 +20,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 class ExpertShard:
     def __init__(self, cfg: MoeConfig, experts: dict[int, LayerExperts], *, model_id: str, revision: str,
-                 shard_id: str, replica_id: str, dtype: torch.dtype, device: str):
-        self.cfg, self.experts = cfg, experts
+                 shard_id: str, replica_id: str, dtype: torch.dtype, device: str, ffn: tuple[int, int] = (0, 1)):
+        self.cfg, self.experts, self.ffn = cfg, experts, ffn
         self.model_id, self.revision, self.shard_id, self.replica_id = model_id, revision, shard_id, replica_id
         self.dtype, self.device = dtype, device
         self.rows = [[0] * cfg.num_experts for _ in range(cfg.num_hidden_layers)]  # [layer][expert] rows computed
@@ -75,4 +75,5 @@ class ExpertShard:
         return expert_pb2.ShardInfo(model_id=self.model_id, model_revision=self.revision, shard_id=self.shard_id,
                                     experts=pairs, dtype=NAMES[self.dtype], device=str(self.device),
                                     hidden_size=self.cfg.hidden_size, num_experts=self.cfg.num_experts,
-                                    replica_id=self.replica_id, data_port=self.data_port)
+                                    replica_id=self.replica_id, data_port=self.data_port,
+                                    ffn_part=self.ffn[0], ffn_parts=self.ffn[1])

@@ -7,6 +7,10 @@ replicas; the router, the expert services, docker-compose and Kubernetes all rea
                 {"id": "shard-1", "experts": {"0": "4-7", "1": [4, 5, 6, 7]}}]}
 
 `experts` is either one spec for every MoE layer ("0-3", "0,2,5-7", "all") or a map layer -> spec.
+
+A shard may also hold a slice of its experts: `"ffn": "0/2"` is the first of two equal ranges of each
+expert's intermediate dimension (tensor-parallel experts, `ffn_split`). Its output is a partial sum;
+the router sends every row to one holder of each part and adds the parts up.
 """
 
 from __future__ import annotations
@@ -27,6 +31,25 @@ class ShardSpec:
     shard_id: str
     pairs: list[Pair]
     replicas: list[str] = field(default_factory=list)
+    ffn: tuple[int, int] = (0, 1)  # (part, parts) of every held expert's intermediate dimension
+
+
+def parse_ffn(value: Any, where: str) -> tuple[int, int]:
+    """"1/2" -> (1, 2): the part of each expert's FFN a shard computes."""
+    part, sep, parts = str(value).partition("/")
+    try:
+        ffn = (int(part), int(parts))
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read ffn slice '{value}' (use PART/PARTS, e.g. '0/2')") from None
+    if not sep or not 0 <= ffn[0] < ffn[1]:
+        raise ConfigError(f"{where}: ffn slice '{value}' must be PART/PARTS with 0 <= PART < PARTS")
+    return ffn
+
+
+def ffn_range(size: int, ffn: tuple[int, int]) -> slice:
+    """The rows of an intermediate dimension of `size` that part ffn[0] of ffn[1] holds (near-equal ranges)."""
+    part, parts = ffn
+    return slice(size * part // parts, size * (part + 1) // parts)
 
 
 def parse_ids(spec: str | list[int], limit: int, where: str) -> list[int]:
@@ -79,6 +102,19 @@ def even_split(cfg: MoeConfig, shards: int) -> list[ShardSpec]:
             for i in range(shards)]
 
 
+def ffn_split(cfg: MoeConfig, shards: int) -> list[ShardSpec]:
+    """Every expert on every shard, each shard computing one slice of every expert's FFN.
+
+    Every layer step then costs each shard the same, whichever experts the gates choose; with whole
+    experts per shard, the shard holding a step's popular experts sets the pace while the other waits
+    (bench/RESULTS.md, "Experts cut across shards"). Each row goes to every shard.
+    """
+    if not 1 <= shards <= cfg.moe_intermediate_size:
+        raise ConfigError(f"cannot split an FFN of {cfg.moe_intermediate_size} into {shards} shards")
+    pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+    return [ShardSpec(f"shard-{i}", list(pairs), ffn=(i, shards)) for i in range(shards)]
+
+
 def split_by_layers(cfg: MoeConfig, shards: int) -> list[ShardSpec]:
     """Contiguous ranges of MoE layers, all experts of a layer on one shard.
 
@@ -109,10 +145,17 @@ def load_placement(path: str | Path, cfg: MoeConfig) -> list[ShardSpec]:
         if "experts" not in shard:
             raise ConfigError(f"{where}: shard '{shard_id}' has no 'experts'")
         pairs = pairs_from_spec(cfg, shard["experts"], where=f"{where}: shard '{shard_id}'")
-        specs.append(ShardSpec(shard_id, pairs, list(shard.get("replicas", []))))
+        ffn = parse_ffn(shard.get("ffn", "0/1"), f"{where}: shard '{shard_id}'")
+        if ffn[1] > cfg.moe_intermediate_size:
+            raise ConfigError(f"{where}: shard '{shard_id}': cannot cut an FFN of {cfg.moe_intermediate_size} "
+                              f"into {ffn[1]} parts")
+        specs.append(ShardSpec(shard_id, pairs, list(shard.get("replicas", [])), ffn))
     ids = [s.shard_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{where}: shard ids must be unique, got {ids}")
+    if len({s.ffn[1] for s in specs}) > 1:
+        raise ConfigError(f"{where}: every shard must cut its experts into the same number of ffn parts, got "
+                          f"{sorted({s.ffn[1] for s in specs})}")
     return specs
 
 
@@ -122,10 +165,18 @@ def write_placement(path: str | Path, specs: list[ShardSpec]) -> None:
         by_layer: dict[str, list[int]] = {}
         for layer, expert in spec.pairs:
             by_layer.setdefault(str(layer), []).append(expert)
-        shards.append({"id": spec.shard_id, "experts": by_layer, "replicas": spec.replicas})
+        shard = {"id": spec.shard_id, "experts": by_layer, "replicas": spec.replicas}
+        if spec.ffn[1] > 1:
+            shard["ffn"] = f"{spec.ffn[0]}/{spec.ffn[1]}"
+        shards.append(shard)
     Path(path).write_text(json.dumps({"shards": shards}, indent=2) + "\n")
 
 
 def uncovered(cfg: MoeConfig, specs: list[ShardSpec]) -> list[Pair]:
-    held = {pair for spec in specs for pair in spec.pairs}
-    return [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts) if (layer, e) not in held]
+    """Pairs that some part of the FFN split lacks (with whole experts: pairs no shard holds)."""
+    parts = max(spec.ffn[1] for spec in specs)
+    missing = set()
+    for part in range(parts):
+        held = {pair for spec in specs if spec.ffn == (part, parts) for pair in spec.pairs}
+        missing |= {(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts) if (layer, e) not in held}
+    return sorted(missing)

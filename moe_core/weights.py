@@ -19,6 +19,7 @@ from moe_core.checkpoint import Checkpoint
 from moe_core.config import MoeConfig
 from moe_core.errors import CheckpointError
 from moe_core.linear import Linear
+from moe_core.placement import ffn_range
 
 PROGRESS_MIN_BYTES = 256 * 2**20
 
@@ -163,8 +164,11 @@ def all_expert_pairs(cfg: MoeConfig) -> list[tuple[int, int]]:
 
 
 def load_experts(ckpt: Checkpoint, cfg: MoeConfig, pairs: Iterable[tuple[int, int]] | None,
-                 dtype: torch.dtype, device: str = "cpu") -> dict[int, LayerExperts]:
-    """The experts in `pairs` (all of them when None), grouped by layer; reads nothing else."""
+                 dtype: torch.dtype, device: str = "cpu", ffn: tuple[int, int] = (0, 1)) -> dict[int, LayerExperts]:
+    """The experts in `pairs` (all of them when None), grouped by layer; reads nothing else.
+
+    `ffn` (part, parts) keeps only that slice of each expert's intermediate dimension (placement.ffn_range):
+    the experts' output is then that part's share of the sum."""
     wanted = sorted(set(all_expert_pairs(cfg) if pairs is None else pairs))
     for layer, expert in wanted:
         if layer not in cfg.moe_layers or not 0 <= expert < cfg.num_experts:
@@ -175,13 +179,15 @@ def load_experts(ckpt: Checkpoint, cfg: MoeConfig, pairs: Iterable[tuple[int, in
     by_layer: dict[int, list[int]] = {}
     for layer, expert in wanted:
         by_layer.setdefault(layer, []).append(expert)
-    out = {layer: _load_layer_experts(read, cfg, layer, ids, device) for layer, ids in by_layer.items()}
+    out = {layer: _load_layer_experts(read, cfg, layer, ids, device, ffn) for layer, ids in by_layer.items()}
     read.close()
     return out
 
 
-def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int], device: str) -> LayerExperts:
+def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int], device: str,
+                        ffn: tuple[int, int]) -> LayerExperts:
     n, h, size = cfg.names, cfg.hidden_size, cfg.moe_intermediate_size
+    mine = ffn_range(size, ffn)
     gate_ups, downs = [], []
     fused = n.fused_experts(layer, "gate_up_proj") in read.ckpt and n.expert(layer, ids[0], 0) not in read.ckpt
     for e in ids:
@@ -191,6 +197,9 @@ def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int
         else:
             gate_up = torch.cat([read(n.expert(layer, e, 0), (size, h)), read(n.expert(layer, e, 1), (size, h))])
             down = read(n.expert(layer, e, 2), (h, size))
+        if ffn[1] > 1:  # copies, so the whole tensors read are freed
+            gate_up = torch.cat([gate_up[:size][mine], gate_up[size:][mine]])
+            down = down[:, mine].contiguous()
         gate_ups.append(Linear(gate_up))
         downs.append(Linear(down))
     local_of = torch.full((cfg.num_experts,), -1, dtype=torch.int64)

@@ -21,7 +21,7 @@ import httpx
 
 from moe_core.config import load_config
 from moe_core.demo import ensure_demo_model
-from moe_core.placement import ShardSpec, even_split, load_placement, split_by_layers, write_placement
+from moe_core.placement import ShardSpec, even_split, ffn_split, load_placement, split_by_layers, write_placement
 from moe_serve.launcher import LaunchError, ProcessGroup, Service
 from moe_serve.prometheus import start_prometheus
 
@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2, help="expert shards (0: experts inside the router process)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per shard")
     p.add_argument("--placement", help="placement file (JSON) instead of an even split into --shards")
-    p.add_argument("--split", choices=["experts", "layers"], default="experts",
-                   help="how --shards divides the experts: a slice of every layer's experts per shard, or whole "
-                        "layers per shard (faster when all shards share one machine's cores)")
+    p.add_argument("--split", choices=["experts", "ffn", "layers"], default="experts",
+                   help="how --shards divides the experts: a slice of every layer's experts per shard; a slice of "
+                        "every expert's FFN per shard (every shard works on every row, so the shards stay in step "
+                        "whichever experts the gates pick); or whole layers per shard")
     p.add_argument("--routers", type=int, default=1, help="routers behind the gateway")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port (0: a free port)")
@@ -83,7 +84,8 @@ def plan_shards(args: argparse.Namespace, model: Path) -> list[ShardSpec]:
     cfg = load_config(model)
     if args.placement:
         return load_placement(args.placement, cfg)
-    return split_by_layers(cfg, args.shards) if args.split == "layers" else even_split(cfg, args.shards)
+    split = {"experts": even_split, "ffn": ffn_split, "layers": split_by_layers}[args.split]
+    return split(cfg, args.shards)
 
 
 def start_experts(group: ProcessGroup, args, model: Path, specs: list[ShardSpec], placement: Path) -> list[Service]:

@@ -108,10 +108,11 @@ async def probe(replica: Replica, shard: Shard, revision: str, timeout: float = 
         raise ConfigError(f"replica {replica.address} of {shard.shard_id} serves model revision "
                           f"{info.model_revision}, the router runs {revision}")
     pairs = {(p.layer, p.expert) for p in info.experts}
-    if shard.pairs and pairs != shard.pairs:
-        raise ConfigError(f"replica {replica.address} of {shard.shard_id} holds other experts than the "
-                          f"shard's other replicas")
-    shard.pairs = pairs
+    ffn = (info.ffn_part, info.ffn_parts) if info.ffn_parts > 1 else (0, 1)
+    if shard.pairs and (pairs, ffn) != (shard.pairs, shard.ffn):
+        raise ConfigError(f"replica {replica.address} of {shard.shard_id} holds other experts (or another part "
+                          f"of their FFN) than the shard's other replicas")
+    shard.pairs, shard.ffn = pairs, ffn
     replica.data_port = info.data_port
     replica.mark_live()
     return True

@@ -161,6 +161,12 @@ class _Pending:
         x = self.x
         if len(self.parts) == 1 and len(self.parts[0].rows) == x.shape[0]:  # one shard had every row, in order
             out = codec.decode(responses[0].output, "output").to(x.device, x.dtype)
+        elif all(len(part.rows) == x.shape[0] for part in self.parts):  # FFN parts, each over every row
+            with one_thread():
+                out = codec.decode(responses[0].output, "output").to(x.device, torch.float32, copy=True)
+                for response in responses[1:]:
+                    out += codec.decode(response.output, "output").to(x.device)
+                out = out.to(x.dtype)
         else:
             with one_thread():  # the last shard's process may still hold a core (moe_core/threads.py)
                 out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -220,7 +226,8 @@ class GrpcExperts(ExpertBackend):
 
     def _request(self, layer: int, x: torch.Tensor, part: Part, request_ids: list[str] = ()) -> frames.Outgoing:
         """The shard's message, its hidden rows kept apart: written from the gathered tensor itself."""
-        hidden, raw = codec.encode_apart(x[part.rows.to(x.device)])
+        every_row = len(part.rows) == x.shape[0]  # rows are ascending and distinct: all of them, in order
+        hidden, raw = codec.encode_apart(x if every_row else x[part.rows.to(x.device)])
         request = expert_pb2.ExpertRequest(model_revision=self.revision, layer=layer, hidden=hidden,
                                            expert_ids=codec.encode(part.ids), expert_weights=codec.encode(part.weights),
                                            step_id=next(self._steps), request_ids=request_ids)

@@ -4,6 +4,10 @@ Built from what every replica reports in Describe. An expert held by several sha
 replication) has its rows spread over its holders round-robin, so each shard still gets one message
 per layer step.
 
+Shards may instead each compute one slice of every expert's FFN (Describe's ffn_part / ffn_parts,
+moe_core/placement.ffn_split): the shards of each part then form a complete map of their own, every
+row goes to one shard of every part, and the parts' partial sums add up to the experts' output.
+
 A decode step's split (a few dozen pairs) runs in Python: between two layer steps the shards' compute
 has evicted the router's caches, and the dozen tensor ops of the vectorised split then cost ≈ 0.1–0.5
 ms a step, several times what a short loop over the pairs costs (bench/RESULTS.md). Prefill chunks
@@ -29,6 +33,7 @@ class Shard:
     replicas: list[Replica]
     pairs: set[tuple[int, int]]
     picks: int = 0
+    ffn: tuple[int, int] = (0, 1)  # (part, parts) of each expert's FFN it computes
 
     def pick(self, exclude: set[Replica]) -> Replica | None:
         """The live replica with the fewest calls in flight; among equals, the least recently picked.
@@ -60,12 +65,33 @@ class Part:
 
 
 class ShardMap:
+    """All shards; the ones computing each FFN part form a `_PartMap`, and a layer step goes to all parts."""
+
     def __init__(self, cfg: MoeConfig, shards: list[Shard]):
+        self.cfg, self.shards = cfg, shards
+        counts = sorted({s.ffn[1] for s in shards})
+        if len(counts) > 1:
+            raise ConfigError(f"shards cut their experts' FFN into different numbers of parts: {counts}")
+        parts = counts[0] if counts else 1
+        self.parts = [_PartMap(cfg, [s for s in shards if s.ffn == (part, parts)], f"ffn part {part}/{parts}: "
+                               if parts > 1 else "") for part in range(parts)]
+
+    def split(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
+        """ids/weights [T, k] -> one Part per shard that has work, in shard order within each FFN part."""
+        if len(self.parts) == 1:
+            return self.parts[0].split(layer, ids, weights)
+        return [part for part_map in self.parts for part in part_map.split(layer, ids, weights)]
+
+
+class _PartMap:
+    """The shards that hold whole experts, or one FFN part of them: each pair goes to one of its holders."""
+
+    def __init__(self, cfg: MoeConfig, shards: list[Shard], what: str = ""):
         self.cfg, self.shards = cfg, shards
         missing = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)
                    if not any((layer, e) in s.pairs for s in shards)]
         if missing:
-            raise ConfigError(f"no shard holds experts {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ConfigError(f"{what}no shard holds experts {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         self.holders = {layer: self._holder_table(layer) for layer in cfg.moe_layers}
         self.holder_lists = {layer: [row[:count] for row, count in zip(table.tolist(), counts.tolist(), strict=True)]
                              for layer, (table, counts) in self.holders.items()}
@@ -82,7 +108,6 @@ class ShardMap:
         return table, torch.tensor([len(h) for h in holders], dtype=torch.int64)
 
     def split(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
-        """ids/weights [T, k] -> one Part per shard that has work, in shard order."""
         if layer in self.sole:
             return [Part(self.shards[self.sole[layer]], torch.arange(ids.shape[0]), ids.to(torch.int32),
                          weights.float())]

@@ -60,7 +60,7 @@ class ExpertPair(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model_id", "model_revision", "shard_id", "experts", "dtype", "device", "hidden_size", "num_experts", "replica_id", "data_port")
+    __slots__ = ("model_id", "model_revision", "shard_id", "experts", "dtype", "device", "hidden_size", "num_experts", "replica_id", "data_port", "ffn_part", "ffn_parts")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class ShardInfo(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    FFN_PART_FIELD_NUMBER: _ClassVar[int]
+    FFN_PARTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     shard_id: str
@@ -81,4 +83,6 @@ class ShardInfo(_message.Message):
     num_experts: int
     replica_id: str
     data_port: int
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., shard_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPair, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., replica_id: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
+    ffn_part: int
+    ffn_parts: int
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., shard_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPair, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., replica_id: _Optional[str] = ..., data_port: _Optional[int] = ..., ffn_part: _Optional[int] = ..., ffn_parts: _Optional[int] = ...) -> None: ...

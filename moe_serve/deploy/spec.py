@@ -17,7 +17,7 @@ from typing import Any
 
 from moe_core.config import load_config
 from moe_core.errors import ConfigError
-from moe_core.placement import pairs_from_spec
+from moe_core.placement import pairs_from_spec, parse_ffn
 
 IMAGE = "moe-serve:cpu"
 MODEL_DIR = "/models/model"  # the model folder inside every container (mounted read-only)
@@ -43,6 +43,7 @@ Knob = Callable[[str, Any], str]
 class Shard:
     shard_id: str
     experts: Any  # the placement's `experts` value, passed through unchanged
+    ffn: str | None = None  # the placement's `ffn` slice ("0/2"), passed through when set
 
     @property
     def service(self) -> str:
@@ -113,10 +114,12 @@ def load_shards(placement: str | Path | None = None, model: str | Path | None = 
         data = DEFAULT_PLACEMENT
     if not isinstance(data, dict) or not isinstance(data.get("shards"), list) or not data["shards"]:
         raise ConfigError(f"{placement}: expected {{\"shards\": [...]}} with at least one shard")
-    result = [Shard(s.get("id") or f"shard-{i}", s.get("experts")) for i, s in enumerate(data["shards"])]
+    result = [Shard(s.get("id") or f"shard-{i}", s.get("experts"), s.get("ffn")) for i, s in enumerate(data["shards"])]
     for s in result:
         if s.experts in (None, "", [], {}):
             raise ConfigError(f"{placement}: shard '{s.shard_id}' has no 'experts'")
+        if s.ffn is not None:
+            parse_ffn(s.ffn, f"{placement}: shard '{s.shard_id}'")
     if model:
         cfg = load_config(model)
         for s in result:
@@ -129,8 +132,8 @@ def load_shards(placement: str | Path | None = None, model: str | Path | None = 
 
 def placement_text(shards: list[Shard]) -> str:
     """The placement file the containers read: each shard's address is its service name."""
-    doc = {"shards": [{"id": s.shard_id, "experts": s.experts, "replicas": [f"{s.service}:{PORTS['expert']['grpc']}"]}
-                      for s in shards]}
+    doc = {"shards": [{"id": s.shard_id, "experts": s.experts, **({"ffn": s.ffn} if s.ffn else {}),
+                       "replicas": [f"{s.service}:{PORTS['expert']['grpc']}"]} for s in shards]}
     return json.dumps(doc, indent=2) + "\n"
 
 

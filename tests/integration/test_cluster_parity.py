@@ -1,4 +1,5 @@
-"""A 2-shard x 2-replica cluster computes what one process computes, and each shard gets exactly its rows."""
+"""A 2-shard x 2-replica cluster computes what one process computes, and each shard gets exactly its rows;
+so does a cluster whose shards each compute half of every expert's FFN."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from moe_core.config import load_config
 from moe_core.loader import load_dense_model, load_expert_shard
-from moe_core.placement import even_split
+from moe_core.placement import even_split, ffn_split
 from moe_core.revision import model_revision
 from router_service.discovery import discover
 from router_service.engine.engine import Engine, EngineConfig
@@ -80,6 +81,47 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane
         else:
             assert links == [None] * len(links)
         assert remote.stats.retries == 0
+        loop.run(remote.aclose())
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_ffn_parts_equal_one_process(tiny_checkpoint, cluster, family):
+    """Two shards, each half of every expert's FFN: every row goes to both, and their sums make the output."""
+    path = tiny_checkpoint(FAMILY_DEFAULT[family])
+    cfg = load_config(path)
+    specs = ffn_split(cfg, 2)
+    cluster.placement(specs)
+    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
+    cluster.wait(*experts.values())
+
+    loop = LoopThread()
+    try:
+        addresses = {sid: [f"127.0.0.1:{e.port}"] for sid, e in experts.items()}
+        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
+        assert [s.ffn for s in shard_map.shards] == [(0, 2), (1, 2)]
+        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        model = load_dense_model(path)
+        counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
+        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)
+        prompts = random_prompts(16, cfg.vocab_size, seed=7)
+        clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
+        local = LocalExperts(load_expert_shard(path, None)[1])
+        alone = list(drain(Engine(model, local, None, config), schedule(prompts)).values())
+
+        for i, (c, a) in enumerate(zip(clustered, alone, strict=True)):
+            assert tokens(c) == tokens(a), f"{family}: request {i} differs between cluster and one process"
+            diff = max(abs(x - y) for x, y in zip(logprobs(c), logprobs(a), strict=True))
+            assert diff <= 1e-4, f"{family}: request {i} logprobs differ by {diff}"
+        assert int(counting.decisions.sum()) > 0
+        for shard in shard_map.shards:  # each shard computed its half of every pair the gates chose
+            (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
+            assert (info.ffn_part, info.ffn_parts) == shard.ffn
+            on_shard = torch.zeros_like(counting.decisions)
+            for pair in info.experts:
+                on_shard[pair.layer, pair.expert] += pair.rows
+            assert torch.equal(on_shard, counting.decisions), shard.shard_id
         loop.run(remote.aclose())
     finally:
         loop.stop()

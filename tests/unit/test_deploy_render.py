@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from moe_core.errors import ConfigError
 from moe_serve import cli
 from moe_serve.deploy import cli as deploy_cli
-from moe_serve.deploy.spec import load_shards, service_name
+from moe_serve.deploy.spec import load_shards, placement_text, service_name
 from moe_serve.deploy.yamlout import dump, dump_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +117,17 @@ def test_shards_and_model_checks(tmp_path, demo_model):
     assert service_name("Shard_A") == "expert-shard-a"
     with pytest.raises(ConfigError):
         service_name("x" * 70)
+
+
+def test_ffn_slices_reach_the_containers_placement(tmp_path):
+    halves = [{"id": f"shard-{p}", "experts": "all", "ffn": f"{p}/2"} for p in range(2)]
+    shards = load_shards(placement_file(tmp_path, halves))
+    written = json.loads(placement_text(shards))["shards"]
+    assert [(s["id"], s["experts"], s["ffn"]) for s in written] == [("shard-0", "all", "0/2"),
+                                                                   ("shard-1", "all", "1/2")]
+    assert "ffn" not in json.loads(placement_text(load_shards()))["shards"][0]
+    with pytest.raises(ConfigError, match="cannot read ffn slice"):
+        load_shards(placement_file(tmp_path, [{"id": "shard-0", "experts": "all", "ffn": "half"}]))
 
 
 def test_rendering_fewer_shards_removes_old_ones(tmp_path):

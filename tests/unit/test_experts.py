@@ -55,3 +55,26 @@ def test_no_pairs_gives_zeros():
     experts, _ = layer_experts([1])
     out = expert_forward(experts, torch.randn(3, H), torch.full((3, 2), -1), torch.rand(3, 2))
     assert torch.equal(out, torch.zeros(3, H))
+
+
+def test_ffn_parts_add_up_to_the_whole_experts(tiny_checkpoint):
+    """Experts loaded in three FFN slices (placement.ffn_split) give partial sums that add up to the whole."""
+    from moe_core.checkpoint import Checkpoint
+    from moe_core.config import load_config
+    from moe_core.weights import load_experts
+    from tests.tiny_models import FAMILY_DEFAULT
+
+    path = tiny_checkpoint(FAMILY_DEFAULT["mixtral"])
+    cfg = load_config(path)
+    layer = cfg.moe_layers[-1]
+    whole = load_experts(Checkpoint(path), cfg, None, torch.float32)[layer]
+    parts = [load_experts(Checkpoint(path), cfg, None, torch.float32, ffn=(p, 3))[layer] for p in range(3)]
+    sizes = [part.down[0].shape[1] for part in parts]
+    assert sum(sizes) == cfg.moe_intermediate_size and max(sizes) - min(sizes) <= 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, cfg.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:2] for _ in range(40)])
+    weights = torch.rand(40, 2, generator=g)
+    want = expert_forward(whole, x, ids, weights)
+    got = sum(expert_forward(part, x, ids, weights) for part in parts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

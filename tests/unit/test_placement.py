@@ -10,8 +10,11 @@ from moe_core.errors import ConfigError
 from moe_core.placement import (
     ShardSpec,
     even_split,
+    ffn_range,
+    ffn_split,
     load_placement,
     pairs_from_spec,
+    parse_ffn,
     parse_ids,
     split_by_layers,
     uncovered,
@@ -129,3 +132,52 @@ def test_rows_sent_counts_every_pair_across_batches():
             expected[shard][layer, e] += 1
     assert torch.equal(sent["a"], expected["a"]) and torch.equal(sent["b"], expected["b"])
     assert int(sent["a"].sum()) > 0
+
+
+def test_ffn_slices_parse_split_and_roundtrip(tmp_path):
+    assert parse_ffn("1/3", "x") == (1, 3)
+    for bad, message in [("2/2", "0 <= PART < PARTS"), ("1", "cannot read"), ("a/2", "cannot read ffn slice")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_ffn(bad, "x")
+    assert [ffn_range(10, (p, 3)) for p in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    specs = ffn_split(CFG, 2)
+    assert [s.ffn for s in specs] == [(0, 2), (1, 2)] and all(len(s.pairs) == 16 for s in specs)
+    assert not uncovered(CFG, specs)
+    assert uncovered(CFG, [specs[0], ShardSpec("b", specs[1].pairs[1:], ffn=(1, 2))]) == [(1, 0)]
+    path = tmp_path / "placement.json"
+    write_placement(path, specs)
+    assert [(s.shard_id, s.pairs, s.ffn) for s in load_placement(path, CFG)] == [(s.shard_id, s.pairs, s.ffn)
+                                                                                 for s in specs]
+    with pytest.raises(ConfigError, match="cannot split an FFN of 4 into 5"):
+        ffn_split(CFG, 5)
+    path.write_text(json.dumps({"shards": [{"id": "a", "experts": "all", "ffn": "0/2"},
+                                           {"id": "b", "experts": "all", "ffn": "0/3"}]}))
+    with pytest.raises(ConfigError, match="same number of ffn parts"):
+        load_placement(path, CFG)
+    path.write_text(json.dumps({"shards": [{"id": "a", "experts": "all", "ffn": "0/8"}]}))
+    with pytest.raises(ConfigError, match="cannot cut an FFN of 4 into 8"):
+        load_placement(path, CFG)
+
+
+def test_ffn_parts_each_get_every_row_once():
+    """Two FFN parts, the first split over two shards by experts: each row goes to one holder per part."""
+    a = Shard("a", [Replica("a", "127.0.0.1:1")], {(layer, e) for layer in (1, 3) for e in range(4)}, ffn=(0, 2))
+    b = Shard("b", [Replica("b", "127.0.0.1:2")], {(layer, e) for layer in (1, 3) for e in range(4, 8)}, ffn=(0, 2))
+    c = Shard("c", [Replica("c", "127.0.0.1:3")], {(layer, e) for layer in (1, 3) for e in range(8)}, ffn=(1, 2))
+    shard_map = ShardMap(CFG, [a, b, c])
+    ids = torch.tensor([[0, 4], [5, 7], [1, 2]])
+    weights = torch.rand(3, 2)
+    parts = shard_map.split(1, ids, weights)
+    assert [p.shard.shard_id for p in parts] == ["a", "b", "c"]
+    whole = parts[-1]
+    assert whole.rows.tolist() == [0, 1, 2] and torch.equal(whole.ids, ids.int()) and torch.equal(whole.weights,
+                                                                                                  weights)
+    seen = torch.zeros(3, 2, dtype=torch.int64)
+    for part in parts[:2]:
+        for row, pair_ids in zip(part.rows.tolist(), part.ids.tolist(), strict=True):
+            seen[row] += torch.tensor([e >= 0 for e in pair_ids])
+    assert torch.equal(seen, torch.ones_like(seen))
+    with pytest.raises(ConfigError, match="different numbers of parts"):
+        ShardMap(CFG, [a, b, Shard("d", [], c.pairs, ffn=(1, 3))])
+    with pytest.raises(ConfigError, match=r"ffn part 1/2: no shard holds experts"):
+        ShardMap(CFG, [a, b])
