@@ -90,8 +90,9 @@ class Checkpoint:
         return numel * _DTYPE_SIZES.get(view.get_dtype(), 4)
 
     def read(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-             index: int | None = None) -> torch.Tensor:
-        """One tensor (or its `index`-th slice along dim 0), converted to `dtype` on `device`."""
+             index: int | slice | tuple[int | slice, ...] | None = None) -> torch.Tensor:
+        """One tensor, or the part of it that `index` selects (only those bytes are read), converted to
+        `dtype` on `device`."""
         path = self._locate(key)
         try:
             handle = self._open(path)

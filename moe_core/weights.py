@@ -77,7 +77,7 @@ class _Reader:
         show = total >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False)
 
-    def __call__(self, key: str, shape: tuple[int, ...], index: int | None = None) -> torch.Tensor:
+    def __call__(self, key: str, shape: tuple[int, ...], index: int | slice | tuple | None = None) -> torch.Tensor:
         tensor = self.ckpt.read(key, self.dtype, self.device, index=index)
         self.bar.update(tensor.numel() * tensor.element_size())
         return self.ckpt.expect_shape(key, tensor, shape)
@@ -187,19 +187,27 @@ def load_experts(ckpt: Checkpoint, cfg: MoeConfig, pairs: Iterable[tuple[int, in
 def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int], device: str,
                         ffn: tuple[int, int]) -> LayerExperts:
     n, h, size = cfg.names, cfg.hidden_size, cfg.moe_intermediate_size
-    mine = ffn_range(size, ffn)
     gate_ups, downs = [], []
     fused = n.fused_experts(layer, "gate_up_proj") in read.ckpt and n.expert(layer, ids[0], 0) not in read.ckpt
+    mine = ffn_range(size, ffn)
+    width = mine.stop - mine.start
+    ups = slice(size + mine.start, size + mine.stop)  # in a fused [2 * I, H] gate_up: gate rows, then up rows
+    every = slice(None)
     for e in ids:
-        if fused:
+        if fused and ffn[1] == 1:
             gate_up = read(n.fused_experts(layer, "gate_up_proj"), (2 * size, h), index=e)
             down = read(n.fused_experts(layer, "down_proj"), (h, size), index=e)
-        else:
+        elif fused:  # only this FFN part's rows and columns are read
+            gate_up = torch.cat([read(n.fused_experts(layer, "gate_up_proj"), (width, h), index=(e, mine)),
+                                 read(n.fused_experts(layer, "gate_up_proj"), (width, h), index=(e, ups))])
+            down = read(n.fused_experts(layer, "down_proj"), (h, width), index=(e, every, mine))
+        elif ffn[1] == 1:
             gate_up = torch.cat([read(n.expert(layer, e, 0), (size, h)), read(n.expert(layer, e, 1), (size, h))])
             down = read(n.expert(layer, e, 2), (h, size))
-        if ffn[1] > 1:  # copies, so the whole tensors read are freed
-            gate_up = torch.cat([gate_up[:size][mine], gate_up[size:][mine]])
-            down = down[:, mine].contiguous()
+        else:
+            gate_up = torch.cat([read(n.expert(layer, e, 0), (width, h), index=mine),
+                                 read(n.expert(layer, e, 1), (width, h), index=mine)])
+            down = read(n.expert(layer, e, 2), (h, width), index=(every, mine))
         gate_ups.append(Linear(gate_up))
         downs.append(Linear(down))
     local_of = torch.full((cfg.num_experts,), -1, dtype=torch.int64)

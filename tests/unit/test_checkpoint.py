@@ -72,6 +72,18 @@ def test_fused_expert_layout_loads_the_same(tmp_path, tiny_checkpoint):
     _, legacy = load_expert_shard(src, [(1, 3)])
     assert torch.equal(fused[1].gate_up[0].dense(), legacy[1].gate_up[0].dense())
     assert torch.equal(fused[1].down[0].dense(), legacy[1].down[0].dense())
+    # An FFN part reads only its rows and columns, the same from either layout.
+    size = cfg.moe_intermediate_size
+    whole_gate_up, whole_down = legacy[1].gate_up[0].dense(), legacy[1].down[0].dense()
+    for part in range(2):
+        rows = slice(size * part // 2, size * (part + 1) // 2)
+        want_gate_up = torch.cat([whole_gate_up[:size][rows], whole_gate_up[size:][rows]])
+        for path in (src, dst):
+            ckpt = Checkpoint(path)
+            (half,) = load_experts(ckpt, cfg, [(1, 3)], torch.float32, ffn=(part, 2)).values()
+            assert torch.equal(half.gate_up[0].dense(), want_gate_up), (path.name, part)
+            assert torch.equal(half.down[0].dense(), whole_down[:, rows]), (path.name, part)
+            assert ckpt.bytes_read == 3 * (rows.stop - rows.start) * cfg.hidden_size * 4
 
 
 def test_missing_tensor_names_the_key(tmp_path, tiny_checkpoint):
