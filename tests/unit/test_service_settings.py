@@ -38,10 +38,12 @@ def test_router_bad_values(argv, env, message):
 
 def test_expert_settings():
     s = parse(ExpertSettings, ["--model", "m", "--experts", "0-3"], {"MOE_SHARD_ID": "shard-7", "MOE_PORT": "0"})
-    assert (s.shard_id, s.port, s.experts) == ("shard-7", 0, "0-3")
+    assert (s.shard_id, s.port, s.experts, s.ffn) == ("shard-7", 0, "0-3", "0/1")
+    assert parse(ExpertSettings, ["--model", "m", "--experts", "all", "--ffn", "1/2"]).ffn == "1/2"
     for argv, message in [(["--model", "m"], "exactly one of --experts or --placement"),
                           (["--model", "m", "--experts", "1", "--placement", "p"], "exactly one"),
-                          (["--model", "m", "--placement", "p", "--layers", "0"], "--layers only goes with")]:
+                          (["--model", "m", "--placement", "p", "--layers", "0"], "--layers only goes with"),
+                          (["--model", "m", "--placement", "p", "--ffn", "1/2"], "--ffn only goes with")]:
         with pytest.raises(SettingsError, match=message):
             parse(ExpertSettings, argv)
 
@@ -61,3 +63,22 @@ def test_bad_value_exits_with_a_clear_message():
     assert result.returncode == 2
     assert "--max-num-seqs / MOE_MAX_NUM_SEQS: expected int, got 'many'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_expert_service_takes_its_ffn_slice_from_flags_or_its_placement(tmp_path):
+    from expert_service.server import shard_spec
+    from moe_core.config import config_from_dict
+    from moe_core.errors import ConfigError
+    from moe_core.placement import ffn_split, write_placement
+
+    cfg = config_from_dict({"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 6,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "num_local_experts": 4,
+                            "num_experts_per_tok": 2})
+    spec = shard_spec(parse(ExpertSettings, ["--model", "m", "--experts", "all", "--ffn", "1/2"]), cfg)
+    assert spec.ffn == (1, 2) and len(spec.pairs) == 8
+    with pytest.raises(ConfigError, match="cannot cut an FFN of 6 into 7"):
+        shard_spec(parse(ExpertSettings, ["--model", "m", "--experts", "all", "--ffn", "0/7"]), cfg)
+    write_placement(tmp_path / "p.json", ffn_split(cfg, 3))
+    spec = shard_spec(parse(ExpertSettings, ["--model", "m", "--placement", str(tmp_path / "p.json"),
+                                             "--shard-id", "shard-2"]), cfg)
+    assert spec.ffn == (2, 3) and len(spec.pairs) == 8
