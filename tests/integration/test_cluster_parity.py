@@ -29,6 +29,22 @@ def schedule(prompts):
     return joins
 
 
+def same_as_one_process(path, cfg, remote: GrpcExperts, family: str) -> CountingExperts:
+    """16 requests through the cluster's experts and through one process's: the same tokens and logprobs."""
+    model = load_dense_model(path)
+    counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
+    config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)  # the cluster runs micro-batches
+    prompts = random_prompts(16, cfg.vocab_size, seed=7)
+    clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
+    local = LocalExperts(load_expert_shard(path, None)[1])
+    alone = list(drain(Engine(model, local, None, config), schedule(prompts)).values())
+    for i, (c, a) in enumerate(zip(clustered, alone, strict=True)):
+        assert tokens(c) == tokens(a), f"{family}: request {i} differs between cluster and one process"
+        diff = max(abs(x - y) for x, y in zip(logprobs(c), logprobs(a), strict=True))
+        assert diff <= 1e-4, f"{family}: request {i} logprobs differ by {diff}"
+    return counting
+
+
 # Every family over the data plane (the default hot path), one over gRPC streams alone.
 @pytest.mark.parametrize("family,data_plane", [(f, True) for f in FAMILY_DEFAULT] + [("mixtral", False)])
 def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane):
@@ -44,18 +60,7 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane
         addresses = {sid: [f"127.0.0.1:{r.port}" for r in rs] for sid, rs in replicas.items()}
         shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
         remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop, data_plane=data_plane)
-        model = load_dense_model(path)
-        counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
-        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)  # the cluster runs micro-batches
-        prompts = random_prompts(16, cfg.vocab_size, seed=7)
-        clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
-        local = LocalExperts(load_expert_shard(path, None)[1])
-        alone = list(drain(Engine(model, local, None, config), schedule(prompts)).values())
-
-        for i, (c, a) in enumerate(zip(clustered, alone, strict=True)):
-            assert tokens(c) == tokens(a), f"{family}: request {i} differs between cluster and one process"
-            diff = max(abs(x - y) for x, y in zip(logprobs(c), logprobs(a), strict=True))
-            assert diff <= 1e-4, f"{family}: request {i} logprobs differ by {diff}"
+        counting = same_as_one_process(path, cfg, remote, family)
 
         # Every shard received exactly the rows of the experts it holds, as the gates decided.
         infos = {sid: [loop.run(r.describe(5)) for r in shard.replicas]
@@ -102,18 +107,7 @@ def test_ffn_parts_equal_one_process(tiny_checkpoint, cluster, family):
         shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
         assert [s.ffn for s in shard_map.shards] == [(0, 2), (1, 2)]
         remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
-        model = load_dense_model(path)
-        counting = CountingExperts(remote, cfg.num_hidden_layers, cfg.num_experts)
-        config = EngineConfig(kv_cache_bytes=8 << 20, block_size=8, overlap=True)
-        prompts = random_prompts(16, cfg.vocab_size, seed=7)
-        clustered = list(drain(Engine(model, counting, None, config), schedule(prompts)).values())
-        local = LocalExperts(load_expert_shard(path, None)[1])
-        alone = list(drain(Engine(model, local, None, config), schedule(prompts)).values())
-
-        for i, (c, a) in enumerate(zip(clustered, alone, strict=True)):
-            assert tokens(c) == tokens(a), f"{family}: request {i} differs between cluster and one process"
-            diff = max(abs(x - y) for x, y in zip(logprobs(c), logprobs(a), strict=True))
-            assert diff <= 1e-4, f"{family}: request {i} logprobs differ by {diff}"
+        counting = same_as_one_process(path, cfg, remote, family)
         assert int(counting.decisions.sum()) > 0
         for shard in shard_map.shards:  # each shard computed its half of every pair the gates chose
             (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
