@@ -23,6 +23,7 @@ CONFIGS = {
     "cluster-2x2": ["--shards", "2", "--replicas", "2"],
     "cluster-2-ffn": ["--shards", "2", "--split", "ffn"],  # half of every expert's FFN per shard
     "cluster-2-layers": ["--shards", "2", "--split", "layers"],  # whole layers per shard
+    "cluster-placement": [],  # the shards of `moe-serve bench --placement FILE` (e.g. one `moe-serve plan` wrote)
     # the local tier sized to hold a whole run (warm-up plus 64 requests write ~300 MiB of rows)
     "cluster-2-cache-local": ["--shards", "2", "--cache", "local", "--router-arg=--cache-local-mib=1024"],
     "cluster-2-cache-redis": ["--shards", "2", "--cache", "redis", "--router-arg=--cache-local-mib=1024"],

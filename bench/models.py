@@ -16,6 +16,11 @@ PRESETS = {
                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                     max_position_embeddings=4096),
 }
+# bench-s with skewed routing, as trained models route: each layer's gate rows scaled by e^(strength * t),
+# t from -0.5 to 0.5 over the experts in a per-layer random order, so some experts win the top-k far more
+# often than others (at strength 2 the busiest expert of a layer gets 1.6-2.5x the mean rows of random prompts).
+SKEWED = {"bench-s-skewed": ("bench-s", 2.0)}
+PRESETS |= {name: PRESETS[base] for name, (base, _) in SKEWED.items()}
 
 
 def make_bench_model(preset: str, target: Path, seed: int = 0) -> Path:
@@ -32,7 +37,21 @@ def make_bench_model(preset: str, target: Path, seed: int = 0) -> Path:
     config = AutoConfig.for_model("mixtral", bos_token_id=1, eos_token_id=2, **PRESETS[preset])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if preset in SKEWED:
+        skew_gates(model, SKEWED[preset][1], seed)
     model.save_pretrained(target, max_shard_size="200MB")
     write_padded_tokenizer(target, PRESETS[preset]["vocab_size"])
     marker.write_text(json.dumps(wanted))
     return target
+
+
+def skew_gates(model, strength: float, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in model.model.layers:
+        moe = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        experts = moe.gate.weight.shape[0]
+        scale = torch.exp(strength * torch.linspace(-0.5, 0.5, experts))[torch.randperm(experts, generator=g)]
+        with torch.no_grad():
+            moe.gate.weight.mul_(scale[:, None])

@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("bench/out"))
     p.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/bench-<time>.json)")
+    p.add_argument("--placement", type=Path, help="placement file of the cluster-placement configuration")
     p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the *-cache-redis configs")
     p.add_argument("--rounds", type=int, default=1,
@@ -147,7 +148,12 @@ def bench_config(name: str, model: Path, args, workloads: dict[int, list]) -> di
     if name in EXTERNAL:
         return bench_external(name, model, args, workloads)
     run_dir = args.work_dir / "runs" / name.replace("@", "_").replace(",", "_")
-    running = start(name, model, run_dir, args.dtype, args.up_flag, redis_url=args.redis_url)
+    extra = list(args.up_flag)
+    if parse_name(name)[0] == "cluster-placement":
+        if not args.placement:
+            raise SystemExit("the cluster-placement configuration needs --placement FILE")
+        extra += ["--placement", str(args.placement.resolve())]
+    running = start(name, model, run_dir, args.dtype, extra, redis_url=args.redis_url)
     try:
         model_name = model.resolve().name
         asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1, choices=args.choices))

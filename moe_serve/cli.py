@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="render Kubernetes manifests or a compose file from a placement")
     deploy_cli.add_arguments(deploy)
     deploy.set_defaults(run=deploy_cli.run)
+    from moe_serve import plan
+    placement = sub.add_parser("plan", help="a placement from measured expert load (balanced, hot experts copied)")
+    plan.add_arguments(placement)
+    placement.set_defaults(run=plan.run)
     return parser
 
 

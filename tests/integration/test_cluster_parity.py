@@ -1,11 +1,13 @@
 """A 2-shard x 2-replica cluster computes what one process computes, and each shard gets exactly its rows;
-so does a cluster whose shards each compute half of every expert's FFN."""
+so does a cluster whose shards each compute half of every expert's FFN, and one placed by `moe-serve plan`
+with a hot expert copied to both shards."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_core.balance import plan_placement
 from moe_core.config import load_config
 from moe_core.loader import load_dense_model, load_expert_shard
 from moe_core.placement import even_split, ffn_split
@@ -116,6 +118,39 @@ def test_ffn_parts_equal_one_process(tiny_checkpoint, cluster, family):
             for pair in info.experts:
                 on_shard[pair.layer, pair.expert] += pair.rows
             assert torch.equal(on_shard, counting.decisions), shard.shard_id
+        loop.run(remote.aclose())
+    finally:
+        loop.stop()
+
+
+def test_planned_placement_with_a_copied_expert_equals_one_process(tiny_checkpoint, cluster):
+    """A plan for a load where expert 0 takes two thirds of every layer's rows, more than one shard's fair share:
+    it sits on both shards, each gets part of its rows, and the answers are those of one process."""
+    path = tiny_checkpoint(FAMILY_DEFAULT["mixtral"])
+    cfg = load_config(path)
+    per_step = torch.full((cfg.num_hidden_layers, cfg.num_experts), 100.0)  # rows per layer step
+    per_step[:, 0] = 200.0 * (cfg.num_experts - 1)
+    specs, _ = plan_placement(cfg, per_step, 2)
+    assert all((layer, 0) in s.pairs for s in specs for layer in cfg.moe_layers)
+    cluster.placement(specs)
+    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
+    cluster.wait(*experts.values())
+
+    loop = LoopThread()
+    try:
+        addresses = {sid: [f"127.0.0.1:{e.port}"] for sid, e in experts.items()}
+        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
+        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        counting = same_as_one_process(path, cfg, remote, "mixtral")
+        received = torch.zeros_like(counting.decisions)
+        for shard in shard_map.shards:
+            (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
+            on_shard = torch.zeros_like(received)
+            for pair in info.experts:
+                on_shard[pair.layer, pair.expert] += pair.rows
+            assert all(on_shard[layer, 0] > 0 for layer in cfg.moe_layers), f"{shard.shard_id} got no copied rows"
+            received += on_shard
+        assert torch.equal(received, counting.decisions)  # every pair computed once, by one of its holders
         loop.run(remote.aclose())
     finally:
         loop.stop()

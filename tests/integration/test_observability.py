@@ -18,6 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_core.config import load_config
+from moe_core.placement import load_placement, uncovered
+from moe_serve import cli
+from moe_serve.plan import load_from_prometheus
 from moe_serve.prometheus import start_prometheus, stop_prometheus
 from tests.conftest import need_tool
 from tests.integration.services import moe_serve_up
@@ -270,8 +273,25 @@ def test_prometheus_answers_every_dashboard_query_under_load(up, tmp_path):
         png = heatmap.render(data, tmp_path / "heatmap.png", "test")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (run_dir / "grafana" / "datasources" / "moe-serve.yml").is_file()
+        _plans_agree(cluster, url, stats["tokens"], tmp_path)
     finally:
         stop_prometheus(process)
+
+
+def _plans_agree(cluster: dict, url: str, tokens: list[list[int]], tmp_path: Path) -> None:
+    """`moe-serve plan` reads the same load from the router's /metrics and from Prometheus, and plans the same."""
+    cfg = load_config(cluster["model"])
+    routed, steps = load_from_prometheus(cfg, url, None, 'job="router"', 10)
+    assert routed.tolist() == tokens and steps > 0
+    router = next(s["metrics_url"] for s in cluster["services"] if s["role"] == "router")
+    plan = ["plan", "--model", cluster["model"], "--shards", "2"]
+    from_router, from_prometheus, recent = tmp_path / "router.json", tmp_path / "prometheus.json", tmp_path / "w.json"
+    assert cli.main([*plan, "--metrics", router, "--out", str(from_router)]) == 0
+    assert cli.main([*plan, "--prometheus", url, "--match", 'job="router"', "--out", str(from_prometheus)]) == 0
+    assert from_router.read_text() == from_prometheus.read_text()
+    assert uncovered(cfg, load_placement(from_router, cfg)) == []
+    assert cli.main([*plan, "--prometheus", url, "--window", "10m", "--out", str(recent)]) == 0
+    assert uncovered(cfg, load_placement(recent, cfg)) == []
 
 
 def _rules_evaluated(url: str) -> list[dict] | None:
