@@ -68,3 +68,47 @@ def test_dispatch_bench_measures_both_transports(demo_model, tmp_path):
                                                              (4, "grpc")]
     for r in lines:
         assert r["dispatch_ms"] > r["shard_compute_ms"] > 0 and r["overhead_ms"] > 0, r
+
+
+def test_placement_bench_plans_from_the_drawn_load(demo_model, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.placement", "--model", str(demo_model), "--dtype", "float32", "--rows", "16",
+         "--steps", "20", "--rounds", "1", "--skew", "1.5", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    plans = {r["placement"]: r for r in lines if "expected_busiest_over_mean" in r}
+    even, plan = (max(plans[name]["expected_busiest_over_mean"].values()) for name in ("even", "plan"))
+    assert 1.0 <= plan < even  # skewed routing: the plan evens out what the even split leaves lopsided
+    timed = [r for r in lines if "round" in r]
+    assert [(r["placement"], r["rows"]) for r in timed] == [("even", 16), ("plan", 16)]
+    assert all(r["dispatch_ms"] > r["slowest_shard_ms"] > 0 for r in timed), timed
+
+
+def test_bench_serves_a_planned_placement(demo_model, tmp_path):
+    """`moe-serve plan`'s file through `moe-serve bench --configs cluster-placement`: a hot expert on both shards."""
+    import torch
+
+    from moe_core.balance import plan_placement
+    from moe_core.config import load_config
+    from moe_core.placement import write_placement
+
+    cfg = load_config(demo_model)
+    per_step = torch.full((cfg.num_hidden_layers, cfg.num_experts), 100.0)
+    per_step[:, 0] = 200.0 * cfg.num_experts
+    specs, _ = plan_placement(cfg, per_step, 2)
+    assert all((layer, 0) in s.pairs for s in specs for layer in cfg.moe_layers)
+    placement, out = tmp_path / "plan.json", tmp_path / "bench.json"
+    write_placement(placement, specs)
+    common = [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs",
+              "cluster-placement", "--concurrency", "2", "--requests", "4", "--prompt-range", "8", "24",
+              "--output-range", "4", "8", "--work-dir", str(tmp_path), "--out", str(out)]
+    result = subprocess.run([*common, "--placement", str(placement)], capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (config,) = json.loads(out.read_text())["configs"]
+    (run,) = config["runs"]
+    assert run["errors"] == 0 and run["output_tok_s"] > 0 and run["dispatch_ms_per_layer"] > 0
+    assert len(config["peak_rss_mib"]) == 4  # gateway, router, two experts
+    missing = subprocess.run(common, capture_output=True, text=True, timeout=300, check=False)
+    assert missing.returncode != 0 and "needs --placement FILE" in missing.stderr
