@@ -2,8 +2,9 @@
 
 Reads how many token rows the gates sent to each (layer, expert) and in how many steps — the routers'
 `moe_expert_tokens_total` and `moe_step_tokens_count`, scraped from their /metrics endpoints (or saved
-scrapes), or asked of Prometheus, over all time or a recent window — and writes a placement that spreads
-each layer's work evenly over the shards, copying hot experts to several shards (moe_core/balance.py).
+scrapes), or asked of Prometheus, since the routers started or over a recent window — and writes a
+placement that spreads each layer's work evenly over the shards, copying hot experts to several shards
+(moe_core/balance.py).
 The router, the expert services, `moe-serve up --placement`, docker-compose and the Kubernetes overlays
 (`moe-serve deploy render`) all read the file.
 
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="a router's /metrics endpoint, or a file holding one scrape (repeatable: routers add up)")
     source.add_argument("--prometheus", metavar="URL", help="Prometheus server scraping the routers")
     p.add_argument("--window", metavar="RANGE",
-                   help="with --prometheus: load over this recent range (e.g. 30m, 6h) instead of all time")
+                   help="with --prometheus: load over this recent range (e.g. 30m, 6h) instead of the routers' "
+                        "counters since they started")
     p.add_argument("--match", default="", metavar="LABELS",
                    help="with --prometheus: label matchers selecting one deployment's routers, e.g. 'job=\"router\"'")
     p.add_argument("--slots", type=int,
