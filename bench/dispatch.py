@@ -15,13 +15,14 @@ import asyncio
 import json
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bench.models import make_bench_model
 from moe_core.config import load_config
-from moe_core.placement import write_placement
+from moe_core.placement import ShardSpec, even_split, write_placement
 from moe_core.revision import model_revision
 from moe_serve import up
 from moe_serve.launcher import ProcessGroup
@@ -50,6 +51,29 @@ def measure(experts: GrpcExperts, layer: int, inputs, steps: int) -> dict[str, f
             "overhead_ms": round(1e3 * (wall - shard), 3)}
 
 
+@contextmanager
+def expert_services(model: Path, cfg, specs: list[ShardSpec], dtype: str):
+    """The shards of `specs` as expert services, started as `moe-serve up` starts them (one torch thread each);
+    yields (shard map, model revision, the event loop their channels live on)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="dispatch-"))
+    flags = up.build_args(["--model", str(model), "--shards", str(len(specs)), "--dtype", dtype,
+                           "--run-dir", str(run_dir)])
+    group = ProcessGroup(run_dir, out=(run_dir / "services.log").open("w"), color=False)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        write_placement(run_dir / "placement.json", specs)
+        services = up.start_experts(group, flags, model, specs, run_dir / "placement.json")
+        group.wait_ready(services, 300)
+        addresses = {s.info["shard"]: [f"127.0.0.1:{s.port}"] for s in services}
+        revision = model_revision(model)
+        shard_map, _ = asyncio.run_coroutine_threadsafe(discover(cfg, addresses, revision, 60), loop).result()
+        yield shard_map, revision, loop
+    finally:
+        group.stop()
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="bench-s")
@@ -61,19 +85,7 @@ def main() -> None:
     args = p.parse_args()
     model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
     cfg = load_config(model)
-    run_dir = Path(tempfile.mkdtemp(prefix="dispatch-"))
-    flags = up.build_args(["--model", str(model), "--shards", "2", "--dtype", args.dtype, "--run-dir", str(run_dir)])
-    group = ProcessGroup(run_dir, out=(run_dir / "services.log").open("w"), color=False)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    try:
-        specs = up.plan_shards(flags, model)
-        write_placement(run_dir / "placement.json", specs)
-        services = up.start_experts(group, flags, model, specs, run_dir / "placement.json")
-        group.wait_ready(services, 300)
-        addresses = {s.info["shard"]: [f"127.0.0.1:{s.port}"] for s in services}
-        revision = model_revision(model)
-        shard_map, _ = asyncio.run_coroutine_threadsafe(discover(cfg, addresses, revision, 60), loop).result()
+    with expert_services(model, cfg, even_split(cfg, 2), args.dtype) as (shard_map, revision, loop):
         torch.set_num_threads(1)
         layer = cfg.moe_layers[len(cfg.moe_layers) // 2]
         backends = {"data plane": GrpcExperts(cfg, shard_map, revision, loop, data_plane=True),
@@ -84,9 +96,6 @@ def main() -> None:
                 result = {"rows": rows, "transport": transport, **measure(experts, layer, inputs, args.steps)}
                 print(json.dumps(result), flush=True)
         asyncio.run_coroutine_threadsafe(backends["grpc"].aclose(), loop).result()
-    finally:
-        group.stop()
-        loop.call_soon_threadsafe(loop.stop)
 
 
 if __name__ == "__main__":

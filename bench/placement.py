@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
+from bench.dispatch import expert_services
 from bench.models import make_bench_model
 from moe_core.balance import expected_work, plan_placement, rows_per_step
 from moe_core.config import MoeConfig, load_config
-from moe_core.placement import ShardSpec, even_split, write_placement
-from moe_core.revision import model_revision
-from moe_serve import up
-from moe_serve.launcher import ProcessGroup
-from router_service.discovery import discover
+from moe_core.placement import ShardSpec, even_split
 from router_service.grpc_experts import GrpcExperts
 
 
@@ -79,27 +74,12 @@ def counted(cfg: MoeConfig, drawn: list) -> torch.Tensor:
 
 def run_placement(model: Path, cfg: MoeConfig, specs: list[ShardSpec], dtype: str, drawn: list,
                   count: int) -> dict[str, float]:
-    run_dir = Path(tempfile.mkdtemp(prefix="placement-"))
-    flags = up.build_args(["--model", str(model), "--shards", str(len(specs)), "--dtype", dtype,
-                           "--run-dir", str(run_dir)])
-    group = ProcessGroup(run_dir, out=(run_dir / "services.log").open("w"), color=False)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    try:
-        write_placement(run_dir / "placement.json", specs)
-        services = up.start_experts(group, flags, model, specs, run_dir / "placement.json")
-        group.wait_ready(services, 300)
-        addresses = {s.info["shard"]: [f"127.0.0.1:{s.port}"] for s in services}
-        revision = model_revision(model)
-        shard_map, _ = asyncio.run_coroutine_threadsafe(discover(cfg, addresses, revision, 60), loop).result()
+    with expert_services(model, cfg, specs, dtype) as (shard_map, revision, loop):
         torch.set_num_threads(1)
         experts = GrpcExperts(cfg, shard_map, revision, loop)
         result = measure(experts, drawn, count)
         asyncio.run_coroutine_threadsafe(experts.aclose(), loop).result()
         return result
-    finally:
-        group.stop()
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ with a hot expert copied to both shards."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -93,34 +95,45 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane
         loop.stop()
 
 
+@contextmanager
+def one_replica_each(cluster, path, cfg, specs):
+    """Each shard of `specs` as one expert service; yields (loop, the router's expert backend over them)."""
+    cluster.placement(specs)
+    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
+    cluster.wait(*experts.values())
+    loop = LoopThread()
+    try:
+        addresses = {sid: [f"127.0.0.1:{e.port}"] for sid, e in experts.items()}
+        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
+        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+        yield loop, remote
+        loop.run(remote.aclose())
+    finally:
+        loop.stop()
+
+
+def computed(loop, shard, like: torch.Tensor):
+    """(Describe of the shard's one replica, the rows it computed per (layer, expert))."""
+    (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
+    on_shard = torch.zeros_like(like)
+    for pair in info.experts:
+        on_shard[pair.layer, pair.expert] += pair.rows
+    return info, on_shard
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_ffn_parts_equal_one_process(tiny_checkpoint, cluster, family):
     """Two shards, each half of every expert's FFN: every row goes to both, and their sums make the output."""
     path = tiny_checkpoint(FAMILY_DEFAULT[family])
     cfg = load_config(path)
-    specs = ffn_split(cfg, 2)
-    cluster.placement(specs)
-    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
-    cluster.wait(*experts.values())
-
-    loop = LoopThread()
-    try:
-        addresses = {sid: [f"127.0.0.1:{e.port}"] for sid, e in experts.items()}
-        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
-        assert [s.ffn for s in shard_map.shards] == [(0, 2), (1, 2)]
-        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+    with one_replica_each(cluster, path, cfg, ffn_split(cfg, 2)) as (loop, remote):
+        assert [s.ffn for s in remote.map.shards] == [(0, 2), (1, 2)]
         counting = same_as_one_process(path, cfg, remote, family)
         assert int(counting.decisions.sum()) > 0
-        for shard in shard_map.shards:  # each shard computed its half of every pair the gates chose
-            (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
+        for shard in remote.map.shards:  # each shard computed its half of every pair the gates chose
+            info, on_shard = computed(loop, shard, counting.decisions)
             assert (info.ffn_part, info.ffn_parts) == shard.ffn
-            on_shard = torch.zeros_like(counting.decisions)
-            for pair in info.experts:
-                on_shard[pair.layer, pair.expert] += pair.rows
             assert torch.equal(on_shard, counting.decisions), shard.shard_id
-        loop.run(remote.aclose())
-    finally:
-        loop.stop()
 
 
 def test_planned_placement_with_a_copied_expert_equals_one_process(tiny_checkpoint, cluster):
@@ -132,25 +145,11 @@ def test_planned_placement_with_a_copied_expert_equals_one_process(tiny_checkpoi
     per_step[:, 0] = 200.0 * (cfg.num_experts - 1)
     specs, _ = plan_placement(cfg, per_step, 2)
     assert all((layer, 0) in s.pairs for s in specs for layer in cfg.moe_layers)
-    cluster.placement(specs)
-    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
-    cluster.wait(*experts.values())
-
-    loop = LoopThread()
-    try:
-        addresses = {sid: [f"127.0.0.1:{e.port}"] for sid, e in experts.items()}
-        shard_map, _ = loop.run(discover(cfg, addresses, model_revision(path), 60))
-        remote = GrpcExperts(cfg, shard_map, model_revision(path), loop.loop)
+    with one_replica_each(cluster, path, cfg, specs) as (loop, remote):
         counting = same_as_one_process(path, cfg, remote, "mixtral")
         received = torch.zeros_like(counting.decisions)
-        for shard in shard_map.shards:
-            (info,) = [loop.run(r.describe(5)) for r in shard.replicas]
-            on_shard = torch.zeros_like(received)
-            for pair in info.experts:
-                on_shard[pair.layer, pair.expert] += pair.rows
+        for shard in remote.map.shards:
+            _, on_shard = computed(loop, shard, counting.decisions)
             assert all(on_shard[layer, 0] > 0 for layer in cfg.moe_layers), f"{shard.shard_id} got no copied rows"
             received += on_shard
         assert torch.equal(received, counting.decisions)  # every pair computed once, by one of its holders
-        loop.run(remote.aclose())
-    finally:
-        loop.stop()
