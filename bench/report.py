@@ -114,14 +114,23 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
+def _split_pair(pair: str, configs) -> tuple[str, str]:
+    """`A:B` at the colon that leaves two configurations of the report (a name may hold one, e.g.
+    `cluster-2@PYTHONPATH=/a:/b`)."""
+    cuts = [i for i, char in enumerate(pair) if char == ":"]
+    for i in cuts:
+        if pair[:i] in configs and pair[i + 1:] in configs:
+            return pair[:i], pair[i + 1:]
+    base, _, other = pair.partition(":") if cuts else (pair, "", "")
+    raise SystemExit(f"{pair}: the report has no {base if base not in configs else other or 'second configuration'}")
+
+
 def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
     """`A:B` → B's output tok/s over A's at each concurrency both measured, within each round."""
     rounds = by_round(report)
     lines = []
     for pair in pairs:
-        base, other = pair.split(":")
-        if base not in rounds or other not in rounds:
-            raise SystemExit(f"{pair}: the report has no {base if base not in rounds else other}")
+        base, other = _split_pair(pair, rounds)
         parts = []
         for c in sorted({c for runs in rounds[other] for c in runs} & {c for runs in rounds[base] for c in runs}):
             ratios = []

@@ -48,6 +48,16 @@ def test_a_baseline_that_ran_fewer_rounds_is_compared_through_its_last_round():
         "- cluster-2 / transformers output tok/s: c=32: 2.50× (rounds 2.00, 3.00)"]
 
 
+def test_a_configuration_named_with_a_colon_pairs_at_the_right_colon():
+    pinned = "cluster-2@PYTHONPATH=/tmp/pin:/tmp/final,PIN=1"
+    report = _report([("cluster-2", {32: 100.0}), (pinned, {32: 90.0})])
+    assert ratio_lines(report, [f"cluster-2:{pinned}"]) == [f"- {pinned} / cluster-2 output tok/s: c=32: 0.90×"]
+    with pytest.raises(SystemExit, match="the report has no local"):
+        ratio_lines(report, ["local:cluster-2"])
+    with pytest.raises(SystemExit, match="no second configuration"):
+        ratio_lines(report, ["cluster-2"])
+
+
 def test_rounds_run_the_configuration_list_interleaved(monkeypatch, tiny_checkpoint, tmp_path):
     order = []
 
