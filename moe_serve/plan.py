@@ -4,9 +4,8 @@ Reads how many token rows the gates sent to each (layer, expert) and in how many
 `moe_expert_tokens_total` and `moe_step_tokens_count`, scraped from their /metrics endpoints (or saved
 scrapes), or asked of Prometheus, since the routers started or over a recent window — and writes a
 placement that spreads each layer's work evenly over the shards, copying hot experts to several shards
-(moe_core/balance.py).
-The router, the expert services, `moe-serve up --placement`, docker-compose and the Kubernetes overlays
-(`moe-serve deploy render`) all read the file.
+(moe_core/balance.py). The router, the expert services, `moe-serve up --placement`, docker-compose and
+the Kubernetes overlays (`moe-serve deploy render`) all read the file.
 
     moe-serve plan --model DIR --shards 4 --metrics http://router:9400/metrics --out placement.json
     moe-serve plan --model DIR --shards 4 --prometheus http://prometheus:9090 --window 6h --out placement.json
