@@ -36,9 +36,7 @@ def shard_spec(settings: ExpertSettings, cfg) -> ShardSpec:
                 return spec
         raise ConfigError(f"{settings.placement}: no shard named '{settings.shard_id}'")
     layers = None if settings.layers is None else parse_ids(settings.layers, cfg.num_hidden_layers, "--layers")
-    ffn = parse_ffn(settings.ffn, "--ffn")
-    if ffn[1] > cfg.moe_intermediate_size:
-        raise ConfigError(f"--ffn: cannot cut an FFN of {cfg.moe_intermediate_size} into {ffn[1]} parts")
+    ffn = parse_ffn(settings.ffn, "--ffn", cfg.moe_intermediate_size)
     return ShardSpec(settings.shard_id, pairs_from_spec(cfg, settings.experts, layers, "--experts"), ffn=ffn)
 
 

@@ -34,8 +34,8 @@ class ShardSpec:
     ffn: tuple[int, int] = (0, 1)  # (part, parts) of every held expert's intermediate dimension
 
 
-def parse_ffn(value: Any, where: str) -> tuple[int, int]:
-    """"1/2" -> (1, 2): the part of each expert's FFN a shard computes."""
+def parse_ffn(value: Any, where: str, size: int | None = None) -> tuple[int, int]:
+    """"1/2" -> (1, 2): the part of each expert's FFN a shard computes (of an FFN of `size` rows, when given)."""
     part, sep, parts = str(value).partition("/")
     try:
         ffn = (int(part), int(parts))
@@ -43,6 +43,8 @@ def parse_ffn(value: Any, where: str) -> tuple[int, int]:
         raise ConfigError(f"{where}: cannot read ffn slice '{value}' (use PART/PARTS, e.g. '0/2')") from None
     if not sep or not 0 <= ffn[0] < ffn[1]:
         raise ConfigError(f"{where}: ffn slice '{value}' must be PART/PARTS with 0 <= PART < PARTS")
+    if size is not None and ffn[1] > size:
+        raise ConfigError(f"{where}: cannot cut an FFN of {size} into {ffn[1]} parts")
     return ffn
 
 
@@ -145,10 +147,7 @@ def load_placement(path: str | Path, cfg: MoeConfig) -> list[ShardSpec]:
         if "experts" not in shard:
             raise ConfigError(f"{where}: shard '{shard_id}' has no 'experts'")
         pairs = pairs_from_spec(cfg, shard["experts"], where=f"{where}: shard '{shard_id}'")
-        ffn = parse_ffn(shard.get("ffn", "0/1"), f"{where}: shard '{shard_id}'")
-        if ffn[1] > cfg.moe_intermediate_size:
-            raise ConfigError(f"{where}: shard '{shard_id}': cannot cut an FFN of {cfg.moe_intermediate_size} "
-                              f"into {ffn[1]} parts")
+        ffn = parse_ffn(shard.get("ffn", "0/1"), f"{where}: shard '{shard_id}'", cfg.moe_intermediate_size)
         specs.append(ShardSpec(shard_id, pairs, list(shard.get("replicas", [])), ffn))
     ids = [s.shard_id for s in specs]
     if len(set(ids)) != len(ids):
