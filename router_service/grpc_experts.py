@@ -145,37 +145,63 @@ class _Pending:
         self.flights, self.future, self.started = flights, future, started
 
     def result(self) -> torch.Tensor:
-        # Every flight is read even when another part failed, so no reply is left behind on a link.
+        # Each reply is added as it arrives, in part order, while the shards after it still compute: only
+        # the last shard's share of the combine is left once every shard has answered. Every flight is read
+        # even when another part failed, so no reply is left behind on a link.
         responses, failure = [], None
         try:
             by_grpc = iter(self.future.result() if self.future else ())
         except Exception as exc:  # re-raised below, after the data plane's replies
             by_grpc, failure = iter(()), exc
-        for flight in self.flights:
-            try:
-                responses.append(next(by_grpc, None) if flight is None else flight.result())
-            except Exception as exc:  # re-raised below, after the other shards' replies
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        x = self.x
-        if len(self.parts) == 1 and len(self.parts[0].rows) == x.shape[0]:  # one shard had every row, in order
-            out = codec.decode(responses[0].output, "output").to(x.device, x.dtype)
-        elif all(len(part.rows) == x.shape[0] for part in self.parts):  # FFN parts, each over every row
-            with one_thread():
-                out = codec.decode(responses[0].output, "output").to(x.device, torch.float32, copy=True)
-                for response in responses[1:]:
-                    out += codec.decode(response.output, "output").to(x.device)
-                out = out.to(x.dtype)
-        else:
-            with one_thread():  # the last shard's process may still hold a core (moe_core/threads.py)
-                out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-                for part, response in zip(self.parts, responses, strict=True):
-                    out.index_add_(0, part.rows.to(x.device),
-                                   codec.decode(response.output, "output").to(x.device).float())
-                out = out.to(x.dtype)
+        with one_thread():  # the other shards' processes may still hold the cores (moe_core/threads.py)
+            combine = _Combine(self.x, self.parts)
+            for part, flight in zip(self.parts, self.flights, strict=True):
+                try:
+                    response = next(by_grpc, None) if flight is None else flight.result()
+                except Exception as exc:  # re-raised below, after the other shards' replies
+                    failure = failure or exc
+                    continue
+                if failure is None:
+                    combine.add(part, response)
+                responses.append(response)
+            if failure is not None:
+                raise failure
+            out = combine.finish()
         self.backend._account(self.layer, self.parts, responses, time.perf_counter() - self.started)
         return out
+
+
+class _Combine:
+    """The shards' partial outputs summed into the layer's [T, H] output, one reply at a time, in part order.
+
+    The sum runs in float32 and in part order whenever the replies arrive, so the result does not depend
+    on which shard answered first."""
+
+    __slots__ = ("ffn", "out", "whole", "x")
+
+    def __init__(self, x: torch.Tensor, parts: list[Part]):
+        self.x = x
+        self.whole = len(parts) == 1 and len(parts[0].rows) == x.shape[0]  # one shard had every row, in order
+        self.ffn = all(len(part.rows) == x.shape[0] for part in parts)  # FFN parts, each a sum over every row
+        # made while the shards compute, so that no reply waits for it
+        self.out = None if self.whole or self.ffn else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+    def add(self, part: Part, response: expert_pb2.ExpertResponse) -> None:
+        x = self.x
+        y = codec.decode(response.output, "output").to(x.device)
+        if self.whole:
+            self.out = y.to(x.dtype)
+        elif self.ffn and self.out is not None:
+            self.out += y
+        elif self.ffn:
+            self.out = y.to(torch.float32, copy=True)
+        else:
+            self.out.index_add_(0, part.rows.to(x.device), y.float())
+
+    def finish(self) -> torch.Tensor:
+        if self.out is None:  # no part: a step without rows
+            return torch.zeros_like(self.x)
+        return self.out if self.whole else self.out.to(self.x.dtype)
 
 
 class GrpcExperts(ExpertBackend):

@@ -84,8 +84,11 @@ class RoutingRecorder(WrappedBackend):
         return self.inner.forward(layer, x, weights, ids)
 
     def submit(self, call: ExpertCall) -> ExpertHandle:
-        self.stats.record(call.layer, call.ids)
-        return self.inner.submit(call)
+        try:
+            return self.inner.submit(call)
+        finally:  # counted once the shards have their rows: the count then costs none of their time
+            self.stats.record(call.layer, call.ids)
+
 
 class ShardHealth(Collector):
     """Replica liveness, read from the shard map at scrape time."""
