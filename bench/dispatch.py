@@ -38,13 +38,14 @@ def layer_inputs(cfg, rows: int, dtype: torch.dtype, seed: int = 0):
     return x, weights, ids
 
 
-def measure(experts: GrpcExperts, layer: int, inputs, steps: int) -> dict[str, float]:
-    for _ in range(min(50, steps)):
-        experts.forward(layer, *inputs)
+def measure(experts: GrpcExperts, drawn: list, count: int, warmup: int) -> dict[str, float]:
+    """Time `count` layer steps cycling through `drawn` ((layer, x, weights, ids) each), after `warmup` untimed."""
+    for i in range(warmup):
+        experts.forward(*drawn[i % len(drawn)])
     stats = experts.stats
     calls, seconds, compute = stats.calls, stats.seconds, stats.shard_compute_seconds
-    for _ in range(steps):
-        experts.forward(layer, *inputs)
+    for i in range(count):
+        experts.forward(*drawn[i % len(drawn)])
     n = stats.calls - calls
     wall, shard = (stats.seconds - seconds) / n, (stats.shard_compute_seconds - compute) / n
     return {"dispatch_ms": round(1e3 * wall, 3), "shard_compute_ms": round(1e3 * shard, 3),
@@ -91,9 +92,10 @@ def main() -> None:
         backends = {"data plane": GrpcExperts(cfg, shard_map, revision, loop, data_plane=True),
                     "grpc": GrpcExperts(cfg, shard_map, revision, loop, data_plane=False)}
         for rows in args.rows:
-            inputs = layer_inputs(cfg, rows, getattr(torch, args.dtype))
+            drawn = [(layer, *layer_inputs(cfg, rows, getattr(torch, args.dtype)))]
             for transport, experts in backends.items():
-                result = {"rows": rows, "transport": transport, **measure(experts, layer, inputs, args.steps)}
+                timed = measure(experts, drawn, args.steps, warmup=min(50, args.steps))
+                result = {"rows": rows, "transport": transport, **timed}
                 print(json.dumps(result), flush=True)
         asyncio.run_coroutine_threadsafe(backends["grpc"].aclose(), loop).result()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.dispatch import expert_services
+from bench.dispatch import expert_services, measure
 from bench.models import make_bench_model
 from moe_core.balance import expected_work, plan_placement, rows_per_step
 from moe_core.config import MoeConfig, load_config
@@ -51,19 +51,6 @@ def steps(cfg: MoeConfig, shares: torch.Tensor, rows: int, dtype: torch.dtype, p
     return drawn
 
 
-def measure(experts: GrpcExperts, drawn: list, count: int) -> dict[str, float]:
-    for layer, x, weights, ids in drawn:  # warm-up: every layer's weights touched once
-        experts.forward(layer, x, weights, ids)
-    stats = experts.stats
-    calls, seconds, compute = stats.calls, stats.seconds, stats.shard_compute_seconds
-    for i in range(count):
-        layer, x, weights, ids = drawn[i % len(drawn)]
-        experts.forward(layer, x, weights, ids)
-    n = stats.calls - calls
-    wall, shard = (stats.seconds - seconds) / n, (stats.shard_compute_seconds - compute) / n
-    return {"dispatch_ms": round(1e3 * wall, 3), "slowest_shard_ms": round(1e3 * shard, 3)}
-
-
 def counted(cfg: MoeConfig, drawn: list) -> torch.Tensor:
     """What the router's counters would hold after these steps, over their number per layer: rows per step."""
     tokens = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.float64)
@@ -77,9 +64,9 @@ def run_placement(model: Path, cfg: MoeConfig, specs: list[ShardSpec], dtype: st
     with expert_services(model, cfg, specs, dtype) as (shard_map, revision, loop):
         torch.set_num_threads(1)
         experts = GrpcExperts(cfg, shard_map, revision, loop)
-        result = measure(experts, drawn, count)
+        timed = measure(experts, drawn, count, warmup=len(drawn))  # warm-up: every layer's weights touched once
         asyncio.run_coroutine_threadsafe(experts.aclose(), loop).result()
-        return result
+        return {"dispatch_ms": timed["dispatch_ms"], "slowest_shard_ms": timed["shard_compute_ms"]}
 
 
 def main() -> None:
