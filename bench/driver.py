@@ -1,4 +1,8 @@
-"""Drive an OpenAI-compatible server at a fixed concurrency and measure what a user sees.
+"""Drive an OpenAI-compatible server and measure what a user sees.
+
+Two ways to load it: a fixed number of requests in flight (`run_load`, a closed loop: each reply lets
+the next request go), or requests sent at seeded arrival times whatever is in flight (`run_open_loop`,
+an open loop, as users arrive), optionally capped at a number in flight.
 
 Every request streams (`stream_options.include_usage`), so time to first token (TTFT), the gaps
 between streamed chunks (ITL), time per output token (TPOT) and end-to-end latency are measured
@@ -27,6 +31,8 @@ class Result:
     error: str | None = None
     repeat: bool = False  # the request repeats an earlier prompt of the workload
     choices: int = 1  # completions in the request (n); output_tokens counts them all
+    sent: float = 0.0  # when the request went out, seconds from the start of its level
+    late: float = 0.0  # open loop: how long after its arrival time it went out (client busy, or the cap)
 
     @property
     def tpot(self) -> float | None:
@@ -40,6 +46,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
     if choices > 1:
         body["n"] = choices
     result, started, last = Result(repeat=request.repeat, choices=choices), time.perf_counter(), None
+    result.sent = started
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -79,13 +86,53 @@ async def run_load(base_url: str, model: str, requests: list[Request], concurren
         async def worker() -> None:
             while not queue.empty():
                 request = queue.get_nowait()
-                results.append(await _one(client, f"{base_url}/v1/completions", model, request, choices))
+                result = await _one(client, f"{base_url}/v1/completions", model, request, choices)
+                result.sent -= started
+                results.append(result)
                 if progress is not None:
                     progress.update(1)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results, time.perf_counter() - started
+
+
+async def run_open_loop(base_url: str, model: str, requests: list[Request], arrivals: list[float],
+                        max_concurrency: int | None = None, progress=None, choices: int = 1
+                        ) -> tuple[list[Result], float]:
+    """Send request i at `arrivals[i]` seconds from the start whether or not earlier ones have answered
+    (at most `max_concurrency` in flight when set: the others wait their turn, and that wait counts as
+    late); -> per-request results in request order and the wall time, first send to last reply."""
+    if len(arrivals) != len(requests):
+        raise ValueError(f"{len(requests)} requests but {len(arrivals)} arrival times")
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    connections = (max_concurrency or len(requests)) + 4
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        started = time.perf_counter()
+
+        async def send(request: Request, due: float) -> Result:
+            if gate is not None:
+                await gate.acquire()
+            try:
+                result = await _one(client, f"{base_url}/v1/completions", model, request, choices)
+            finally:
+                if gate is not None:
+                    gate.release()
+            result.sent -= started
+            result.late = max(0.0, result.sent - due)
+            if progress is not None:
+                progress.update(1)
+            return result
+
+        tasks = []
+        for request, due in zip(requests, arrivals, strict=True):
+            delay = started + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(request, due)))
+        results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - started
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict[str, float | None]:
@@ -99,12 +146,24 @@ def percentiles(values: list[float], scale: float = 1e3) -> dict[str, float | No
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "mean": round(statistics.fmean(values) * scale, 2)}
 
 
+def in_flight(results: list[Result], wall: float) -> dict[str, float]:
+    """Requests in flight over the level: the time mean (sum of E2E over the wall time) and the most at once."""
+    # (time, -1) sorts before (time, +1): a reply before a send at the same instant
+    events = sorted([(r.sent, 1) for r in results] + [(r.sent + r.e2e, -1) for r in results])
+    now = most = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return {"mean": round(sum(r.e2e for r in results) / wall, 2) if wall else 0.0, "max": most}
+
+
 def summarize(results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.error is None]
     tokens = sum(r.output_tokens for r in ok)
     return {
         "requests": len(results), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
         "output_tokens": tokens, "output_tok_s": round(tokens / wall, 1), "req_s": round(len(ok) / wall, 3),
+        "in_flight": in_flight(results, wall),
         "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
         "itl_ms": percentiles([gap for r in ok for gap in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
         "first_error": next((r.error for r in results if r.error), None),

@@ -2,12 +2,13 @@
 
     python -m bench.report bench/results/final.json [--ratios local:cluster-2 ...]
 
-One row per (configuration, concurrency): throughput, latency percentiles, dispatch time and the
-expert- and prefix-cache hit rates where measured, the services' CPU time per output token (with
-the share of the cores the hypervisor stole meanwhile); then peak RSS per service; then CPU per token by
-service and the share of the machine's core-seconds the services used (OpenMP's bounded spin counts as
-used: a share below 1 is cores idle, or given to others); then any requested
-ratios of output tokens/s (B over A, same concurrency, same run).
+One row per (configuration, load level: a concurrency, or an open loop's request rate): throughput,
+latency percentiles, dispatch time and the expert- and prefix-cache hit rates where measured, the
+services' CPU time per output token (with the share of the cores the hypervisor stole meanwhile); then
+peak RSS per service; then CPU per token by service and the share of the machine's core-seconds the
+services used (OpenMP's bounded spin counts as used: a share below 1 is cores idle, or given to
+others); for open-loop levels, how late the requests went out against their arrival times and how
+many were in flight; then any requested ratios of output tokens/s (B over A, same level, same run).
 
 A configuration that ran more than once (`moe-serve bench --rounds N`, or a name listed twice) has rounds
 1, 2, ... in the order they ran; the report then adds each configuration's median and range over its
@@ -22,13 +23,15 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.workload import Level
+
 
 def _cell(value: object) -> str:
     return "–" if value is None else str(value)
 
 
 def runs_table(report: dict) -> list[str]:
-    lines = ["| config | conc. | req | err | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
+    lines = ["| config | load | req | err | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
              "| E2E p50/p99 ms | dispatch ms/layer (overhead) | cache hit rate | prefix hit rate "
              "| draft tokens kept | CPU ms/token (steal) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -45,7 +48,7 @@ def runs_table(report: dict) -> list[str]:
             if run.get("cpu_ms_per_token") is not None:
                 cpu = f"{run['cpu_ms_per_token']} ({run['steal_fraction']})"
             lines.append(
-                f"| {config['config']} | {run['concurrency']} | {run['requests']} | {run['errors']} "
+                f"| {config['config']} | {Level.of_run(run).label} | {run['requests']} | {run['errors']} "
                 f"| {run['output_tok_s']} | {_cell(ttft.get('p50'))} / {_cell(ttft.get('p90'))} / "
                 f"{_cell(ttft.get('p99'))} | {_cell(tpot.get('p50'))} / {_cell(tpot.get('p99'))} "
                 f"| {_cell(itl.get('p50'))} | {_cell(e2e.get('p50'))} / {_cell(e2e.get('p99'))} "
@@ -63,34 +66,49 @@ def rss_table(report: dict) -> list[str]:
 
 def cpu_table(report: dict) -> list[str]:
     """Where each run's CPU went, by service, and the share of the machine's core-seconds used in all."""
-    lines = ["| config | conc. | CPU ms/token by service | cores busy |", "|---|---|---|---|"]
+    lines = ["| config | load | CPU ms/token by service | cores busy |", "|---|---|---|---|"]
     for config in report["configs"]:
         for run in config["runs"]:
             if run.get("cpu_ms_per_token_by_service"):
                 cpu = ", ".join(f"{name} {ms}" for name, ms in sorted(run["cpu_ms_per_token_by_service"].items()))
                 busy = _cell(run.get("busy_fraction"))
-                lines.append(f"| {config['config']} | {run['concurrency']} | {cpu} | {busy} |")
+                lines.append(f"| {config['config']} | {Level.of_run(run).label} | {cpu} | {busy} |")
     return lines if len(lines) > 2 else []
 
 
 def repeat_table(report: dict) -> list[str]:
     """TTFT of the requests that repeat an earlier prompt, beside the others' (workloads with repeats)."""
-    lines = ["| config | conc. | TTFT p50 / p90 ms, repeated prompts | TTFT p50 / p90 ms, new prompts |",
+    lines = ["| config | load | TTFT p50 / p90 ms, repeated prompts | TTFT p50 / p90 ms, new prompts |",
              "|---|---|---|---|"]
     for config in report["configs"]:
         for run in config["runs"]:
             if "ttft_repeat_ms" in run:
                 repeat, fresh = run["ttft_repeat_ms"], run["ttft_fresh_ms"]
-                lines.append(f"| {config['config']} | {run['concurrency']} | {_cell(repeat['p50'])} / "
+                lines.append(f"| {config['config']} | {Level.of_run(run).label} | {_cell(repeat['p50'])} / "
                              f"{_cell(repeat['p90'])} | {_cell(fresh['p50'])} / {_cell(fresh['p90'])} |")
     return lines if len(lines) > 2 else []
 
 
-def by_round(report: dict) -> dict[str, list[dict[int, dict]]]:
-    """Configuration name -> its runs by concurrency, one dict per round, in the order they ran."""
-    rounds: dict[str, list[dict[int, dict]]] = {}
+def open_loop_table(report: dict) -> list[str]:
+    """Open-loop levels: offered against achieved request rate, how late the requests went out against their
+    arrival times (the client busy, or the in-flight cap), and how many were in flight."""
+    lines = ["| config | offered | achieved req/s | late p50/p99 ms | in flight mean / max |",
+             "|---|---|---|---|---|"]
     for config in report["configs"]:
-        rounds.setdefault(config["config"], []).append({r["concurrency"]: r for r in config["runs"]})
+        for run in config["runs"]:
+            if run.get("request_rate") is not None:
+                late, flight = run["late_ms"], run.get("in_flight", {})
+                lines.append(f"| {config['config']} | {Level.of_run(run).label} | {run['req_s']} "
+                             f"| {_cell(late.get('p50'))} / {_cell(late.get('p99'))} "
+                             f"| {_cell(flight.get('mean'))} / {_cell(flight.get('max'))} |")
+    return lines if len(lines) > 2 else []
+
+
+def by_round(report: dict) -> dict[str, list[dict[Level, dict]]]:
+    """Configuration name -> its runs by load level, one dict per round, in the order they ran."""
+    rounds: dict[str, list[dict[Level, dict]]] = {}
+    for config in report["configs"]:
+        rounds.setdefault(config["config"], []).append({Level.of_run(r): r for r in config["runs"]})
     return rounds
 
 
@@ -99,14 +117,14 @@ def spread_table(report: dict) -> list[str]:
     repeated = {name: rounds for name, rounds in by_round(report).items() if len(rounds) > 1}
     if not repeated:
         return []
-    lines = ["| config | conc. | rounds | output tok/s median (min–max) | TPOT p50 ms median (min–max) |",
+    lines = ["| config | load | rounds | output tok/s median (min–max) | TPOT p50 ms median (min–max) |",
              "|---|---|---|---|---|"]
     for name, rounds in repeated.items():
-        for c in sorted({c for runs in rounds for c in runs}):
+        for c in sorted({c for runs in rounds for c in runs}, key=Level.sort_key):
             runs = [r[c] for r in rounds if c in r]
             tput = [r["output_tok_s"] for r in runs]
             tpot = [r["tpot_ms"]["p50"] for r in runs if r["tpot_ms"].get("p50") is not None]
-            lines.append(f"| {name} | {c} | {len(runs)} | {_spread(tput)} | {_spread(tpot) if tpot else '–'} |")
+            lines.append(f"| {name} | {c.label} | {len(runs)} | {_spread(tput)} | {_spread(tpot) if tpot else '–'} |")
     return lines
 
 
@@ -126,23 +144,24 @@ def _split_pair(pair: str, configs) -> tuple[str, str]:
 
 
 def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
-    """`A:B` → B's output tok/s over A's at each concurrency both measured, within each round."""
+    """`A:B` → B's output tok/s over A's at each level both measured, within each round."""
     rounds = by_round(report)
     lines = []
     for pair in pairs:
         base, other = _split_pair(pair, rounds)
         parts = []
-        for c in sorted({c for runs in rounds[other] for c in runs} & {c for runs in rounds[base] for c in runs}):
+        shared = {c for runs in rounds[other] for c in runs} & {c for runs in rounds[base] for c in runs}
+        for c in sorted(shared, key=Level.sort_key):
             ratios = []
             for i, runs in enumerate(rounds[other]):
                 against = rounds[base][min(i, len(rounds[base]) - 1)]
                 if c in runs and c in against and against[c]["output_tok_s"]:
                     ratios.append(runs[c]["output_tok_s"] / against[c]["output_tok_s"])
             if len(ratios) == 1:
-                parts.append(f"c={c}: {ratios[0]:.2f}×")
+                parts.append(f"{c.short}: {ratios[0]:.2f}×")
             elif ratios:
                 each = ", ".join(f"{r:.2f}" for r in ratios)
-                parts.append(f"c={c}: {statistics.median(ratios):.2f}× (rounds {each})")
+                parts.append(f"{c.short}: {statistics.median(ratios):.2f}× (rounds {each})")
         lines.append(f"- {other} / {base} output tok/s: " + ", ".join(parts))
     return lines
 
@@ -150,7 +169,8 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
             f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
-    tables = [runs_table(report), rss_table(report), cpu_table(report), repeat_table(report), spread_table(report)]
+    tables = [runs_table(report), rss_table(report), cpu_table(report), repeat_table(report),
+              open_loop_table(report), spread_table(report)]
     return "\n".join([head, "", *(line for table in tables if table for line in [*table, ""]),
                       *ratio_lines(report, pairs)]) + "\n"
 

@@ -13,8 +13,9 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--configs",
-         "local-drafts", "cluster-2", "--concurrency", "1", "3", "--requests", "6", "--prompt-range", "8", "24",
-         "--output-range", "4", "8", "--repeat-fraction", "0.5", "--work-dir", str(tmp_path), "--out", str(out)],
+         "local-drafts", "cluster-2", "--concurrency", "1", "3", "--request-rate", "20", "--requests", "6",
+         "--prompt-range", "8", "24", "--output-range", "4", "8", "--repeat-fraction", "0.5", "--work-dir",
+         str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -22,10 +23,14 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
     assert {"model", "dtype", "git", "machine", "workload", "configs"} <= set(report)
     assert [c["config"] for c in report["configs"]] == ["local-drafts", "cluster-2"]
     for config in report["configs"]:
-        assert [r["concurrency"] for r in config["runs"]] == [1, 3]
+        assert [r["concurrency"] for r in config["runs"]] == [1, 3, None]
+        open_loop = config["runs"][2]  # 6 requests at seeded arrival times, 20 per second
+        assert open_loop["request_rate"] == 20 and open_loop["burstiness"] == 1 and open_loop["max_concurrency"] is None
+        assert 0 <= open_loop["late_ms"]["p50"] <= open_loop["late_ms"]["p99"] < 1000
         assert config["peak_rss_mib"]["gateway"] > 10 and all(v > 10 for v in config["peak_rss_mib"].values())
         for run in config["runs"]:
             assert run["errors"] == 0 and run["first_error"] is None
+            assert 0 < run["in_flight"]["mean"] <= run["in_flight"]["max"] <= max(run["concurrency"] or 6, 1)
             assert run["output_tokens"] >= 4 * run["requests"] and run["output_tok_s"] > 0
             for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
                 stats = run[metric]
@@ -51,9 +56,9 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
 
     table = render(report, ["local-drafts:cluster-2"])
     rows = [line for line in table.splitlines() if line.startswith(("| local-drafts |", "| cluster-2 |"))]
-    # runs, CPU by service and TTFT of repeats per (config, concurrency); RSS per config
-    assert len(rows) == 2 * 2 + 2 + 2 * 2 + 2 * 2
-    assert "- cluster-2 / local-drafts output tok/s: c=1: " in table and "c=3: " in table
+    # runs, CPU by service and TTFT of repeats per (config, level); RSS and the open-loop level per config
+    assert len(rows) == 2 * 3 + 2 + 2 * 3 + 2 * 3 + 2
+    assert "- cluster-2 / local-drafts output tok/s: c=1: " in table and "c=3: " in table and "20 req/s: " in table
     cpu_rows = [line for line in table.splitlines() if line.startswith("| cluster-2 | 3 | expert 0.0 ")]
     assert len(cpu_rows) == 1 and "router 0 " in cpu_rows[0]  # CPU per token by service
 

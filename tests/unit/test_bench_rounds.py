@@ -63,7 +63,7 @@ def test_rounds_run_the_configuration_list_interleaved(monkeypatch, tiny_checkpo
 
     def fake_bench_config(name, model, args, workloads):
         order.append(name)
-        return {"config": name, "runs": [_run(c, 10.0 * len(order), 5.0) for c in workloads]}
+        return {"config": name, "runs": [_run(level.concurrency, 10.0 * len(order), 5.0) for level in workloads]}
 
     monkeypatch.setattr(bench.run, "bench_config", fake_bench_config)
     parser = argparse.ArgumentParser()
