@@ -92,14 +92,15 @@ class CachedExperts(WrappedBackend):
                     first[key] = row
             self._count_result("local", "shared", len(copies))
             keys, rows = list(first), list(first.values())
-        values = self._lookup(call, keys, rows)
+        found, stored = self._lookup(call, keys, rows)
         n = call.x.shape[0]
-        if values.count(None) == len(values) and not copies:  # the usual step without repeats: all computed
-            hit, misses, writes = {}, list(range(n)), dict(zip(rows, keys, strict=True))
+        if not found and not copies:  # the usual step without repeats: all computed
+            hit, misses, writes = [], list(range(n)), dict(zip(rows, keys, strict=True))
         else:
-            hit = {row: value for row, value in zip(rows, values, strict=True) if value is not None}
-            misses = [row for row in range(n) if row not in hit and row not in copies]
-            writes = {row: key for row, key, value in zip(rows, keys, values, strict=True) if value is None}
+            hit = [rows[i] for i in found]
+            held, found_at = set(hit), set(found)
+            misses = [row for row in range(n) if row not in held and row not in copies]
+            writes = {row: key for i, (row, key) in enumerate(zip(rows, keys, strict=True)) if i not in found_at}
         self.dispatched_rows += len(misses)
         handle = None
         if len(misses) == n:  # nothing found: send the step as it is, no gather
@@ -109,7 +110,7 @@ class CachedExperts(WrappedBackend):
             handle = self.inner.submit(ExpertCall(call.layer, call.x[index], call.weights[index], call.ids[index],
                                                   num_decode=sum(1 for r in misses if r < call.num_decode),
                                                   request_ids=call.request_ids, step_id=call.step_id))
-        return _Assembly(self, call.x, hit, misses, handle, writes, copies)
+        return _Assembly(self, call.x, hit, stored, misses, handle, writes, copies)
 
     def _cached_rows(self, call: ExpertCall) -> list[int]:
         rows = call.x.shape[0]
@@ -131,15 +132,18 @@ class CachedExperts(WrappedBackend):
         records = np.concatenate([_bytes_of(x), _bytes_of(ids, np.int32), _bytes_of(weights, np.float32)], axis=1)
         return row_keys(head, memoryview(records).cast("B"), records.shape[1])
 
-    def _lookup(self, call: ExpertCall, keys: list[str], rows: list[int]) -> list[bytes | None]:
-        """Values for `keys` (the step's rows `rows`), None where neither tier has them."""
+    def _lookup(self, call: ExpertCall, keys: list[str], rows: list[int]) -> tuple[list[int], np.ndarray]:
+        """The positions in `keys` (the step's rows `rows`) that either tier holds, ascending, and their
+        stored rows [found, row bytes] uint8 in that order."""
         started = time.perf_counter()
-        values = self.local.get_many(keys)
-        self._count("local", values)
+        found, stored = self.local.get_rows(keys)
+        self._count_result("local", "hit", len(found))
+        self._count_result("local", "miss", len(keys) - len(found))
         self._observe("local", started)
-        missing = [i for i, v in enumerate(values) if v is None]
         if self.redis is None:
-            return values
+            return found, stored
+        held = set(found)
+        missing = [i for i in range(len(keys)) if i not in held]
         step_id = call.step_id
         cold = self._cold.get(step_id)
         first_layer = cold is None and step_id >= 0
@@ -147,40 +151,40 @@ class CachedExperts(WrappedBackend):
         if not ask:
             if first_layer:
                 self._remember_cold(step_id, set())
-            return values
+            return found, stored
         started = time.perf_counter()
-        found = self.redis.get_many([keys[i] for i in ask])
+        answers = self.redis.get_many([keys[i] for i in ask])
         self._observe("redis", started)
-        if found is None:
+        if answers is None:
             self._count_result("redis", "error", len(ask))
-            return values
-        fresh, garbage = [], 0
+            return found, stored
+        fresh, values, garbage = [], [], 0
         value_bytes = call.x.shape[1] * call.x.element_size()
-        for i, value in zip(ask, found, strict=True):
+        for i, value in zip(ask, answers, strict=True):
             if value is not None and len(value) != value_bytes:  # not something we wrote: count it, compute
                 garbage += 1
-                continue
-            values[i] = value
-            if value is not None:
-                fresh.append((keys[i], value))
+            elif value is not None:
+                fresh.append(i)
+                values.append(value)
         if first_layer:
-            self._remember_cold(step_id, {rows[i] for i, value in zip(ask, found, strict=True) if value is None})
-        hits = len(fresh)
-        self._count_result("redis", "hit", hits)
-        self._count_result("redis", "miss", len(ask) - hits - garbage)
+            self._remember_cold(step_id, {rows[i] for i, value in zip(ask, answers, strict=True) if value is None})
+        self._count_result("redis", "hit", len(fresh))
+        self._count_result("redis", "miss", len(ask) - len(fresh) - garbage)
         self._count_result("redis", "error", garbage)
-        self.local.put_many(fresh)
-        return values
+        if not fresh:
+            return found, stored
+        got = np.frombuffer(bytearray(b"".join(values)), dtype=np.uint8).reshape(len(fresh), value_bytes)
+        self.local.put_rows([keys[i] for i in fresh], got)
+        if not found:
+            return fresh, got
+        merged = found + fresh
+        order = sorted(range(len(merged)), key=merged.__getitem__)
+        return [merged[i] for i in order], np.concatenate([stored, got])[order]
 
     def _remember_cold(self, step_id: int, rows: set[int]) -> None:
         self._cold[step_id] = rows
         while len(self._cold) > COLD_STEPS:
             self._cold.popitem(last=False)
-
-    def _count(self, tier: str, values: list) -> None:
-        hits = sum(v is not None for v in values)
-        self._count_result(tier, "hit", hits)
-        self._count_result(tier, "miss", len(values) - hits)
 
     def _count_result(self, tier: str, result: str, n: int) -> None:
         if self.metrics and n:
@@ -190,10 +194,11 @@ class CachedExperts(WrappedBackend):
         if self.metrics:
             self.metrics.lookup_of(tier).observe(time.perf_counter() - started)
 
-    def remember(self, items: list[tuple[str, bytes]]) -> None:
-        self.local.put_many(items)
-        if self.redis is not None:
-            self.redis.put_many(items)
+    def remember(self, keys: list[str], rows: np.ndarray) -> None:
+        """Store computed rows ([n, row bytes] uint8, row i under keys[i]) in both tiers."""
+        self.local.put_rows(keys, rows)
+        if self.redis is not None:  # the writer thread reads them later: its own copy
+            self.redis.put_rows(keys, rows if rows.flags.owndata else rows.copy())
 
     def close(self) -> None:
         if self.redis is not None:
@@ -202,12 +207,12 @@ class CachedExperts(WrappedBackend):
 
 
 class _Assembly:
-    """The step's output in row order: cached rows from their bytes, the rest from the experts."""
+    """The step's output in row order: cached rows from their stored bytes, the rest from the experts."""
 
-    def __init__(self, cache: CachedExperts, x: torch.Tensor, hit: dict[int, bytes], misses: list[int],
-                 handle: ExpertHandle | None, writes: dict[int, str], copies: dict[int, int]):
-        self.cache, self.x, self.hit, self.misses, self.handle, self.writes = cache, x, hit, misses, handle, writes
-        self.copies = copies
+    def __init__(self, cache: CachedExperts, x: torch.Tensor, hit: list[int], stored: np.ndarray,
+                 misses: list[int], handle: ExpertHandle | None, writes: dict[int, str], copies: dict[int, int]):
+        self.cache, self.x, self.hit, self.stored, self.misses = cache, x, hit, stored, misses
+        self.handle, self.writes, self.copies = handle, writes, copies
 
     def result(self) -> torch.Tensor:
         x = self.x
@@ -217,14 +222,12 @@ class _Assembly:
             return computed
         stored = None
         if self.hit:
-            rows = list(self.hit)
-            stored = torch.frombuffer(bytearray(b"".join(self.hit[r] for r in rows)), dtype=x.dtype)
-            stored = stored.view(len(rows), x.shape[1]).to(x.device)
-            if len(rows) == x.shape[0]:  # every row a hit (a repeat decoding alone): already in row order
+            stored = torch.from_numpy(self.stored).view(x.dtype).view(len(self.hit), x.shape[1]).to(x.device)
+            if len(self.hit) == x.shape[0]:  # every row a hit (a repeat decoding alone): already in row order
                 return stored
         out = torch.empty_like(x)
         if stored is not None:
-            out[torch.tensor(rows, device=x.device)] = stored
+            out[torch.tensor(self.hit, device=x.device)] = stored
         if self.handle is not None:
             computed = self.handle.result()
             out[torch.tensor(self.misses, device=x.device)] = computed
@@ -237,15 +240,14 @@ class _Assembly:
     def _remember(self, computed: torch.Tensor) -> None:
         if not self.writes:
             return
-        raw = _rows_of(computed).tobytes()  # one copy; each row's bytes are then a slice of it
-        width = len(raw) // len(self.misses)
-        in_order = len(self.misses) == self.x.shape[0]  # row i of the output is row i of the step
-        if in_order:
-            starts = [(key, row * width) for row, key in self.writes.items()]
+        data = _bytes_of(computed)  # [misses, row bytes], over the output's own memory
+        if len(self.misses) == self.x.shape[0]:  # row i of the output is row i of the step
+            index = list(self.writes)
         else:
             position = {row: i for i, row in enumerate(self.misses)}
-            starts = [(key, position[row] * width) for row, key in self.writes.items()]
-        self.cache.remember([(key, raw[start:start + width]) for key, start in starts])
+            index = [position[row] for row in self.writes]
+        rows = data if len(index) == len(data) else data[index]  # ascending and distinct: all rows means every one
+        self.cache.remember(list(self.writes.values()), rows)
 
 
 def _small_keys(head: str, call: ExpertCall, rows: list[int]) -> list[str]:

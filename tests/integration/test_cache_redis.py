@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import redis
 
@@ -87,11 +88,12 @@ def test_writes_survive_a_server_that_lost_its_scripts(server):
     client = redis.Redis(port=server.port)
     try:
         for batch in range(3):
-            items = [(f"moe:w:{batch}:{i}", bytes([batch, i]) * 100) for i in range(50)]
-            cache.put_many(items)
+            keys = [f"moe:w:{batch}:{i}" for i in range(50)]
+            rows = np.array([[batch, i] * 100 for i in range(50)], dtype=np.uint8)
+            cache.put_rows(keys, rows)
             cache.flush()
-            assert [client.get(key) for key, _ in items] == [value for _, value in items]
-            assert 0 < client.ttl(items[0][0]) <= 60
+            assert [client.get(key) for key in keys] == [row.tobytes() for row in rows]
+            assert 0 < client.ttl(keys[0]) <= 60
             client.script_flush()  # as after a restart: the next write finds no script by its digest
         assert not cache._warned  # no write failed
     finally:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import random
-
+import numpy as np
 import pytest
 import torch
 
@@ -19,15 +18,42 @@ from tests.engine_helpers import drain, logprobs, random_prompts, tokens
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
+def _rows(n: int, width: int = 100, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, width), dtype=np.uint8)
+
+
 def test_local_cache_respects_its_byte_bound_and_evicts_oldest():
     cache = LocalCache(max_bytes=10 * (100 + ENTRY_OVERHEAD))
-    rng = random.Random(0)
+    rows = _rows(500)
     for i in range(500):
-        cache.put_many([(f"k{i}", bytes(rng.randrange(50, 150)))])
-        assert cache.bytes <= cache.max_bytes
-    assert cache.get_many(["k0"]) == [None] and cache.get_many(["k499"])[0] is not None
-    cache.put_many([("huge", bytes(cache.max_bytes))])  # larger than the whole budget: not stored
-    assert cache.get_many(["huge"]) == [None] and cache.bytes <= cache.max_bytes
+        cache.put_rows([f"k{i}"], rows[i:i + 1])
+        assert cache.bytes <= cache.max_bytes and len(cache) == min(i + 1, 10)
+    found, got = cache.get_rows(["k0", "k499", "k490", "k489"])
+    assert found == [1, 2] and (got == rows[[499, 490]]).all()  # the exact bytes, in the order asked
+    cache.put_rows([f"big{i}" for i in range(25)], _rows(25, seed=1))  # more than the whole budget: the last 10 stay
+    assert len(cache) == 10 and cache.get_rows(["big14", "big15"])[0] == [1]
+
+
+def test_local_cache_keeps_what_was_used_last_and_reuses_evicted_slots():
+    cache = LocalCache(max_bytes=3 * (8 + ENTRY_OVERHEAD))
+    rows = _rows(6, width=8)
+    cache.put_rows(["a", "b", "c"], rows[:3])
+    assert cache.get_rows(["a"])[0] == [0]  # a hit is the most recently used now: b is the oldest
+    cache.put_rows(["d", "a"], rows[3:5])  # a stored again: same key, new bytes, no eviction for it
+    found, before = cache.get_rows(["a", "b", "c", "d"])  # b was evicted by d; now a is the oldest
+    assert found == [0, 2, 3] and (before == rows[[4, 2, 3]]).all()
+    cache.put_rows(["e"], rows[5:6])  # evicts a, and e's row goes into a's slot
+    found, got = cache.get_rows(["c", "e", "a", "d"])
+    assert found == [0, 1, 3] and (got == rows[[2, 5, 3]]).all()
+    assert (before == rows[[4, 2, 3]]).all()  # what a lookup returned is its own copy
+    with pytest.raises(ValueError, match="8-byte rows"):
+        cache.put_rows(["f"], _rows(1, width=9))
+    with pytest.raises(ValueError, match="2 keys"):
+        cache.put_rows(["f", "g"], rows[:1])
+    tiny = LocalCache(max_bytes=ENTRY_OVERHEAD)  # not one row fits: nothing is stored
+    tiny.put_rows(["a"], rows[:1])
+    found, got = tiny.get_rows(["a"])
+    assert found == [] and got.shape == (0, 8) and tiny.bytes == 0
 
 
 def test_keys_name_revision_layer_and_exact_bytes():
