@@ -8,7 +8,7 @@ Redis is optional and fail-open: a lookup that errors or times out, or a value o
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
 a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
 period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
-thread, one scripted command with a TTL for what the layer steps queued meanwhile, off the critical path.
+thread, pipelined SETs with a TTL for what the layer steps queued meanwhile, off the critical path.
 """
 
 from __future__ import annotations
@@ -124,18 +124,41 @@ class LocalCache:
             self._slab[targets] = rows
 
 
-# One command for the writes queued meanwhile: SET with expiry for every key, run server-side. A
-# pipeline of SETs costs redis-py a Python-level command build per row, on a thread that shares the GIL
-# with the engine; this is one command, packed in one join (RedisCache._write, bench/RESULTS.md).
-SET_ALL = """
-for i, key in ipairs(KEYS) do
-    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
-end
-"""
+# Writes go as plain pipelined SETs with expiry between these two, in one packed write: the server
+# sends no reply per SET, so the writer reads one reply (to turning replies back on) however many rows
+# it wrote. A failed SET only leaves its row uncached.
+REPLIES_OFF = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n"
+REPLIES_ON = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$2\r\nON\r\n"
 
 
-def _bulk(data: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(data), data)
+def set_commands(keys: list[str], rows: np.ndarray, ttl_s: int) -> list[memoryview]:
+    """`SET key row EX ttl` for every row, as RESP bytes. Keys of one length are framed together by numpy
+    (a layer's keys all have one length, so usually all of them at once): no Python per row."""
+    width, ttl = rows.shape[1], str(ttl_s).encode()
+    value_head = np.frombuffer(b"\r\n$%d\r\n" % width, dtype=np.uint8)
+    tail = np.frombuffer(b"\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl), dtype=np.uint8)
+    joined = "".join(keys).encode()
+    if len({len(key) for key in keys}) == 1 and len(joined) % len(keys) == 0:  # one length, one byte a char
+        groups = [(joined, rows)]
+    else:
+        encoded = [key.encode() for key in keys]
+        by_length: dict[int, list[int]] = {}
+        for i, key in enumerate(encoded):
+            by_length.setdefault(len(key), []).append(i)
+        groups = [(b"".join(encoded[i] for i in picked), rows[picked]) for _, picked in sorted(by_length.items())]
+    out = []
+    for key_bytes, values in groups:
+        n = len(values)
+        length = len(key_bytes) // n
+        key_head = np.frombuffer(b"*5\r\n$3\r\nSET\r\n$%d\r\n" % length, dtype=np.uint8)
+        parts = (key_head, np.frombuffer(key_bytes, dtype=np.uint8).reshape(n, length), value_head, values, tail)
+        frames = np.empty((n, sum(part.shape[-1] for part in parts)), dtype=np.uint8)
+        at = 0
+        for part in parts:
+            frames[:, at:at + part.shape[-1]] = part
+            at += part.shape[-1]
+        out.append(frames.data)  # sent as it is: no copy into bytes
+    return out
 
 
 class RedisCache:
@@ -151,8 +174,6 @@ class RedisCache:
         self._down_until = 0.0
         self._backoff = 0.5
         self._warned = False
-        self._set_all = self.client.register_script(SET_ALL)
-        self._no_script = redis.exceptions.NoScriptError
         self._writes: queue.Queue[tuple[list[str], np.ndarray] | None] = queue.Queue(maxsize=256)
         self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
         self._writer.start()
@@ -209,22 +230,15 @@ class RedisCache:
                     self._writes.task_done()
 
     def _write(self, keys: list[str], rows: np.ndarray) -> None:
-        """SET-all as one EVALSHA packed here. redis-py builds a command argument by argument in Python
-        (2.2 ms of the writer's CPU for 512 rows, on the GIL the engine thread needs); one join costs 0.3 ms."""
-        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (4 + 2 * len(keys), self._set_all.sha.encode()),
-                 _bulk(str(len(keys)).encode()), *(_bulk(key.encode()) for key in keys),
-                 _bulk(str(self.ttl_s).encode())]
-        head, values = b"$%d\r\n" % rows.shape[1], memoryview(np.ascontiguousarray(rows)).cast("B")
-        width = rows.shape[1]
-        for start in range(0, len(values), width):
-            parts += (head, values[start:start + width], b"\r\n")
+        """Every row's SET with expiry, packed here (redis-py builds a command argument by argument in
+        Python, on the GIL the engine thread needs) and sent with the server's replies off."""
         pool = self.client.connection_pool
         connection = pool.get_connection()
         try:
-            connection.send_packed_command([b"".join(parts)])
-            connection.read_response()
-        except self._no_script:  # the server lost its scripts (restarted, flushed): redis-py loads it again
-            self._set_all(keys=keys, args=[self.ttl_s, *(row.tobytes() for row in rows)])
+            connection.send_packed_command([REPLIES_OFF, *set_commands(keys, rows, self.ttl_s), REPLIES_ON])
+            reply = connection.read_response()
+            if reply not in (b"OK", "OK"):
+                raise ValueError(f"CLIENT REPLY ON answered {reply!r}")
         except BaseException:
             connection.disconnect()  # a half-read reply must not reach the next command
             raise

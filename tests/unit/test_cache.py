@@ -8,7 +8,7 @@ import torch
 
 from moe_core.forward import ExpertCall
 from moe_core.loader import load_dense_model, load_expert_shard
-from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, row_keys
+from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, row_keys, set_commands
 from router_service.cached_experts import CachedExperts
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
@@ -54,6 +54,16 @@ def test_local_cache_keeps_what_was_used_last_and_reuses_evicted_slots():
     tiny.put_rows(["a"], rows[:1])
     found, got = tiny.get_rows(["a"])
     assert found == [] and got.shape == (0, 8) and tiny.bytes == 0
+
+
+def test_set_commands_are_what_redis_py_would_send():
+    import redis
+
+    keys = [f"moe:rev:{layer}:{i:032x}" for i, layer in enumerate([9, 10, 9, 10, 10])]  # two key lengths
+    rows = _rows(5, width=6)
+    pack = redis.Connection().pack_command
+    expected = [b"".join(pack("SET", keys[i], rows[i].tobytes(), "EX", 3600)) for i in (0, 2, 1, 3, 4)]
+    assert b"".join(set_commands(keys, rows, 3600)) == b"".join(expected)  # grouped by key length, in order
 
 
 def test_keys_name_revision_layer_and_exact_bytes():
