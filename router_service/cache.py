@@ -138,7 +138,7 @@ def set_commands(keys: list[str], rows: np.ndarray, ttl_s: int) -> list[memoryvi
     value_head = np.frombuffer(b"\r\n$%d\r\n" % width, dtype=np.uint8)
     tail = np.frombuffer(b"\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl), dtype=np.uint8)
     joined = "".join(keys).encode()
-    if len({len(key) for key in keys}) == 1 and len(joined) % len(keys) == 0:  # one length, one byte a char
+    if len({len(key) for key in keys}) == 1 and len(joined) == len(keys) * len(keys[0]):  # one length, ASCII
         groups = [(joined, rows)]
     else:
         encoded = [key.encode() for key in keys]
@@ -162,7 +162,7 @@ def set_commands(keys: list[str], rows: np.ndarray, ttl_s: int) -> list[memoryvi
 
 
 class RedisCache:
-    """Tier 2: one MGET per layer step for every local miss; one scripted SET-all per step from a writer thread."""
+    """Tier 2: one MGET per layer step for every local miss; pipelined SETs from a writer thread."""
 
     def __init__(self, url: str, ttl_s: int, timeout_s: float, on_error: Callable[[], None] | None = None):
         import redis

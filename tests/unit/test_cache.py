@@ -64,6 +64,9 @@ def test_set_commands_are_what_redis_py_would_send():
     pack = redis.Connection().pack_command
     expected = [b"".join(pack("SET", keys[i], rows[i].tobytes(), "EX", 3600)) for i in (0, 2, 1, 3, 4)]
     assert b"".join(set_commands(keys, rows, 3600)) == b"".join(expected)  # grouped by key length, in order
+    accented = ["ab", "éé"]  # one length in characters, not in bytes
+    assert b"".join(set_commands(accented, rows[:2], 60)) == b"".join(
+        b"".join(pack("SET", key, row.tobytes(), "EX", 60)) for key, row in zip(accented, rows[:2], strict=True))
 
 
 def test_keys_name_revision_layer_and_exact_bytes():
