@@ -14,8 +14,11 @@ thread, pipelined SETs with a TTL for what the layer steps queued meanwhile, off
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 ENTRY_OVERHEAD = 120  # bytes per entry beyond its row: the key string and its dict entry
 MAX_WRITE_KEYS = 4096  # rows per write command, when queued layer steps are merged into one
 MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in as if written, its contents unchanged
 
 
 @dataclass
@@ -53,6 +57,19 @@ def row_keys(head: str, records: memoryview, width: int) -> list[str]:
     return [head + digest(records[i:i + width]) for i in range(0, len(records), width)]
 
 
+def populate(a: np.ndarray) -> bool:
+    """Fault the pages under `a` in now, so that writing them later costs no page fault; False where the
+    kernel cannot (before Linux 5.14, or not Linux): the pages then fault in as they are first written."""
+    page = mmap.PAGESIZE
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if sys.platform != "linux" or end <= start:
+        return False
+    madvise = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL meanwhile
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, end - start, MADV_POPULATE_WRITE) == 0
+
+
 class LocalCache:
     """LRU of key -> one row's bytes, bounded by the bytes it holds (rows plus a per-entry overhead).
 
@@ -72,11 +89,32 @@ class LocalCache:
         self._lock = threading.Lock()
 
     @property
+    def capacity(self) -> int:
+        """Rows the slab holds (0 before it is made)."""
+        return 0 if self._slab is None else len(self._slab)
+
+    @property
     def bytes(self) -> int:
         return len(self._entries) * (self.width + ENTRY_OVERHEAD)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def reserve(self, width: int) -> bool:
+        """Make the slab for rows of `width` bytes now and fault its memory in (see `populate`): the cache
+        then holds its whole budget from the start, and storing a row never waits for a page fault (on this
+        project's VMs ≈ 10 µs per 4 KiB page, 2.6 µs per 1 KiB row, bench/RESULTS.md). Without it the slab
+        is made at the first store and its pages fault in as rows arrive."""
+        with self._lock:
+            if self._slab is None:
+                self._make_slab(width)
+            elif width != self.width:
+                raise ValueError(f"rows of {width} bytes in a cache of {self.width}-byte rows")
+            return populate(self._slab)
+
+    def _make_slab(self, width: int) -> None:
+        self.width = width
+        self._slab = np.empty((self.max_bytes // (width + ENTRY_OVERHEAD), width), dtype=np.uint8)
 
     def get_rows(self, keys: list[str]) -> tuple[list[int], np.ndarray]:
         """The positions in `keys` that are held, and a copy of their rows [found, width] in that order.
@@ -100,9 +138,7 @@ class LocalCache:
             raise ValueError(f"{len(keys)} keys need a [{len(keys)}, width] uint8 array, got {rows.dtype} {rows.shape}")
         with self._lock:
             if self._slab is None:
-                self.width = rows.shape[1]
-                slots = self.max_bytes // (self.width + ENTRY_OVERHEAD)
-                self._slab = np.empty((slots, self.width), dtype=np.uint8)
+                self._make_slab(rows.shape[1])
             elif rows.shape[1] != self.width:
                 raise ValueError(f"rows of {rows.shape[1]} bytes in a cache of {self.width}-byte rows")
             capacity = len(self._slab)

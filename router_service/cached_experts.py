@@ -16,6 +16,7 @@ a hit, never a wrong row). A step of new tokens then pays one Redis round trip i
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import LATENCY_BUCKETS
 from router_service.cache import CacheConfig, LocalCache, RedisCache, row_keys
 from router_service.expert_backend import ExpertBackend, WrappedBackend
+
+log = logging.getLogger(__name__)
 
 SMALL_ROWS = 16  # at most this many rows: keys hashed from Python lists. Between two layer steps the shards'
 # compute evicts the router's caches, and each tensor call then costs several microseconds.
@@ -75,6 +78,13 @@ class CachedExperts(WrappedBackend):
 
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.submit(ExpertCall(layer, x, weights, ids)).result()
+
+    def reserve(self, hidden_size: int, dtype: torch.dtype) -> None:
+        """Take the local tier's whole budget now, for rows of this width (LocalCache.reserve)."""
+        started = time.perf_counter()
+        faulted = self.local.reserve(hidden_size * dtype.itemsize)
+        log.info("expert cache: %d MiB for %d rows reserved in %.2fs%s", self.config.local_bytes >> 20,
+                 self.local.capacity, time.perf_counter() - started, "" if faulted else " (pages fault in later)")
 
     def submit(self, call: ExpertCall) -> ExpertHandle:
         cached = self._cached_rows(call)

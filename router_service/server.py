@@ -111,6 +111,7 @@ async def build_router(settings: RouterSettings) -> Router:
     cache = cache_config(settings)
     if cache.enabled:
         experts = CachedExperts(experts, cache, revision, registry)
+        experts.reserve(model.cfg.hidden_size, model.dtype)
     engine = Engine(model, RoutingRecorder(experts, routing), _tokenizer(settings.model), engine_config(settings),
                     EngineMetrics(registry))
     return Router(engine, revision, registry, routing, shard_map, replica_sets, grpc_experts)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from moe_core.forward import ExpertCall
 from moe_core.loader import load_dense_model, load_expert_shard
-from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, row_keys, set_commands
+from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, populate, row_keys, set_commands
 from router_service.cached_experts import CachedExperts
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
@@ -54,6 +58,26 @@ def test_local_cache_keeps_what_was_used_last_and_reuses_evicted_slots():
     tiny.put_rows(["a"], rows[:1])
     found, got = tiny.get_rows(["a"])
     assert found == [] and got.shape == (0, 8) and tiny.bytes == 0
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_reserved_cache_holds_its_budget_from_the_start():
+    cache = LocalCache(max_bytes=64 << 20)
+    before = _resident_bytes()
+    faulted = cache.reserve(1024)
+    assert cache.width == 1024 and cache.capacity == (64 << 20) // (1024 + ENTRY_OVERHEAD) and len(cache) == 0
+    if faulted:  # Linux 5.14+: the slab's pages are in memory before any row is stored
+        assert _resident_bytes() - before > 50 << 20
+    else:
+        assert sys.platform != "linux" or not populate(np.empty(1 << 20, dtype=np.uint8))
+    rows = _rows(3, width=1024)
+    cache.put_rows(["a", "b", "c"], rows)
+    assert (cache.get_rows(["c", "a"])[1] == rows[[2, 0]]).all()
+    with pytest.raises(ValueError, match="1024-byte rows"):
+        cache.reserve(512)
 
 
 def test_set_commands_are_what_redis_py_would_send():
