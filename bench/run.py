@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
                   "repeat_fraction": args.repeat_fraction, "choices": args.choices, "seed": args.seed,
-                  "level_seeds": {level.short: level_seed(args, level) for level in workloads},
+                  "level_seeds": {level.label: level_seed(args, level) for level in workloads},
                   **({"burstiness": args.burstiness, "max_concurrency": args.max_concurrency}
                      if any(level.rate is not None for level in workloads) else {})},
               "rounds": args.rounds, "configs": [bench_config(name, model, args, workloads) | {"round": r}
