@@ -51,7 +51,7 @@ class RouterSettings:
     cache: str = setting("off", "expert-output cache: off, local (in-process LRU), redis (LRU in front of Redis)",
                          choices=["off", "local", "redis"])
     redis_url: str | None = setting(None, "Redis for --cache redis, e.g. redis://127.0.0.1:6379/0")
-    cache_local_mib: int = setting(256, "bytes the in-process cache may hold, in MiB")
+    cache_local_mib: int = setting(256, "bytes the in-process cache holds, in MiB (taken at start)")
     cache_ttl_s: int = setting(3600, "expiry of entries written to Redis")
     cache_phases: str = setting("both", "which rows use the cache", choices=["prefill", "decode", "both"])
     cache_prefix: str = setting("moe", "key prefix, so several deployments can share one Redis")
