@@ -74,11 +74,10 @@ class LocalCache:
     """LRU of key -> one row's bytes, bounded by the bytes it holds (rows plus a per-entry overhead).
 
     Every row of one cache has the same width (a layer's output row in the serving dtype), so the rows
-    live in one slab of fixed slots, made at the first store and filled as entries arrive (its pages are
-    touched only then); an evicted entry's slot takes the next row. A layer step's rows go in with one
-    copy and come out with one gather, with no Python object per row: storing a 2,048-row step costs
-    0.6 µs a row against 1.6 µs with a bytes object per row (bench/RESULTS.md, "The expert cache's rows
-    in one slab")."""
+    live in one slab of fixed slots, made by `reserve` (the router, at start) or else at the first store;
+    an evicted entry's slot takes the next row. A layer step's rows go in with one copy and come out with
+    one gather, with no Python object per row: storing a 2,048-row step costs 0.6 µs a row against 1.6 µs
+    with a bytes object per row (bench/RESULTS.md, "Where the expert cache's cost goes without repeats")."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -103,8 +102,8 @@ class LocalCache:
     def reserve(self, width: int) -> bool:
         """Make the slab for rows of `width` bytes now and fault its memory in (see `populate`): the cache
         then holds its whole budget from the start, and storing a row never waits for a page fault (on this
-        project's VMs ≈ 10 µs per 4 KiB page, 2.6 µs per 1 KiB row, bench/RESULTS.md). Without it the slab
-        is made at the first store and its pages fault in as rows arrive."""
+        project's VMs ≈ 10 µs per 4 KiB page, 2.6 µs per 1 KiB row; bench/RESULTS.md, same section).
+        Without it the slab is made at the first store and its pages fault in as rows arrive."""
         with self._lock:
             if self._slab is None:
                 self._make_slab(width)
