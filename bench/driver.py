@@ -40,7 +40,7 @@ class Result:
         return (self.e2e - self.ttft) / (per_choice - 1) if per_choice > 1 else None
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request, choices: int = 1) -> Result:
+async def _one(client: httpx.AsyncClient, base_url: str, model: str, request: Request, choices: int = 1) -> Result:
     body = {"model": model, "prompt": request.prompt_ids, "max_tokens": request.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     if choices > 1:
@@ -48,7 +48,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
     result, started, last = Result(repeat=request.repeat, choices=choices), time.perf_counter(), None
     result.sent = started
     try:
-        async with client.stream("POST", url, json=body) as response:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return result
@@ -73,6 +73,12 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request
     return result
 
 
+def _client(in_flight: int) -> httpx.AsyncClient:
+    """A client with a connection for each request in flight (and a few spare)."""
+    limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits)
+
+
 async def run_load(base_url: str, model: str, requests: list[Request], concurrency: int,
                    progress=None, choices: int = 1) -> tuple[list[Result], float]:
     """Send `requests` keeping `concurrency` in flight, each asking for `choices` completions;
@@ -81,12 +87,11 @@ async def run_load(base_url: str, model: str, requests: list[Request], concurren
     for request in requests:
         queue.put_nowait(request)
     results: list[Result] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with _client(concurrency) as client:
         async def worker() -> None:
             while not queue.empty():
                 request = queue.get_nowait()
-                result = await _one(client, f"{base_url}/v1/completions", model, request, choices)
+                result = await _one(client, base_url, model, request, choices)
                 result.sent -= started
                 results.append(result)
                 if progress is not None:
@@ -105,20 +110,14 @@ async def run_open_loop(base_url: str, model: str, requests: list[Request], arri
     late); -> per-request results in request order and the wall time, first send to last reply."""
     if len(arrivals) != len(requests):
         raise ValueError(f"{len(requests)} requests but {len(arrivals)} arrival times")
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    connections = (max_concurrency or len(requests)) + 4
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    cap = max_concurrency or len(requests)  # no cap: room for every request at once
+    gate = asyncio.Semaphore(cap)
+    async with _client(cap) as client:
         started = time.perf_counter()
 
         async def send(request: Request, due: float) -> Result:
-            if gate is not None:
-                await gate.acquire()
-            try:
-                result = await _one(client, f"{base_url}/v1/completions", model, request, choices)
-            finally:
-                if gate is not None:
-                    gate.release()
+            async with gate:
+                result = await _one(client, base_url, model, request, choices)
             result.sent -= started
             result.late = max(0.0, result.sent - due)
             if progress is not None:

@@ -113,7 +113,7 @@ async def load(url: str, model: str, vocab: int, seconds: float, concurrency: in
                                  limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def worker() -> None:
             while time.monotonic() < deadline:
-                results.append(await _one(client, f"{url}/v1/completions", model, next(workload)))
+                results.append(await _one(client, url, model, next(workload)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
