@@ -110,7 +110,7 @@ async def build_router(settings: RouterSettings) -> Router:
                                              data_plane=settings.expert_transport == "auto", tls=expert_tls(settings))
     cache = cache_config(settings)
     if cache.enabled:
-        experts = CachedExperts(experts, cache, revision, registry)
+        experts = CachedExperts(experts, cache, revision, registry, model.cfg.moe_layers)
         experts.reserve(model.cfg.hidden_size, model.dtype)
     engine = Engine(model, RoutingRecorder(experts, routing), _tokenizer(settings.model), engine_config(settings),
                     EngineMetrics(registry))

@@ -42,7 +42,8 @@ def router(parts, url: str, revision: str = "rev-a"):
     """An engine with the cache in redis mode and its own (empty) local tier and metrics."""
     model, experts = parts
     registry = new_registry()
-    cached = CachedExperts(experts, CacheConfig(mode="redis", redis_url=url, redis_timeout_s=0.2), revision, registry)
+    cached = CachedExperts(experts, CacheConfig(mode="redis", redis_url=url, redis_timeout_s=0.2), revision, registry,
+                           model.cfg.moe_layers)
     return Engine(model, cached, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4)), cached, registry
 
 
@@ -56,18 +57,49 @@ def serve(engine, prompts):
 
 
 def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server):
+    model, _ = parts
     first, first_cache, _ = router(parts, server.url)
     prompts = random_prompts(3, 256, seed=11)
     expected = serve(first, prompts)
     first_cache.redis.flush()
-    written = redis.Redis.from_url(server.url).keys("moe:rev-a:*")
-    assert written and all(0 < redis.Redis.from_url(server.url).ttl(key) <= 3600 for key in written[:20])
+    client = redis.Redis.from_url(server.url)
+    written = client.keys("moe:rev-a:*")
+    assert written and all(0 < client.ttl(key) <= 3600 for key in written[:20])
+    # one value per token fed (the prompt and every sampled token but the last), under its first MoE layer's key
+    assert len(written) == sum(len(p) + PARAMS.max_tokens - 1 for p in prompts)
+    assert {key.decode().split(":")[2] for key in written} == {str(model.cfg.moe_layers[0])}
     second, second_cache, registry = router(parts, server.url)
     got = serve(second, prompts)
     assert [tokens(r) for r in got] == [tokens(r) for r in expected]
     assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
     assert second_cache.dispatched_rows == 0
     assert count(registry, "redis", "hit") > 0 and count(registry, "redis", "error") == 0
+    # Redis answered at each step's first layer; the later layers found its values in the local tier
+    assert count(registry, "local", "hit") == count(registry, "redis", "hit") * (len(model.cfg.moe_layers) - 1)
+
+
+def test_a_value_serves_a_later_layer_only_where_that_layers_key_matches(parts, server):
+    model, _ = parts
+    writer, writer_cache, _ = router(parts, server.url)
+    prompts = random_prompts(2, 256, seed=18)
+    expected = serve(writer, prompts)
+    writer_cache.redis.flush()
+    client = redis.Redis(port=server.port)
+    keys = list(client.scan_iter(match="moe:*"))
+    form = writer_cache._form
+    at = len(form.head) + 32  # the second MoE layer's key digest in every value
+    for key in keys:
+        value = bytearray(client.get(key))
+        value[at:at + 32] = b"0" * 32
+        client.set(key, bytes(value))
+    reader, reader_cache, registry = router(parts, server.url)
+    got = serve(reader, prompts)
+    assert [tokens(r) for r in got] == [tokens(r) for r in expected]
+    assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
+    # that layer, and only that one, was computed: once per token
+    assert reader_cache.dispatched_rows == len(keys) and count(registry, "redis", "hit") == len(keys)
+    layers = len(model.cfg.moe_layers)
+    assert layers > 2 and count(registry, "local", "hit") == len(keys) * (layers - 2)
 
 
 def test_new_tokens_ask_redis_at_the_first_layer_only(parts, server):
