@@ -61,6 +61,7 @@ class Running:
     name: str
     process: subprocess.Popen
     cluster: dict
+    redis_pid: int | None = None  # the Redis server of a *-redis configuration, when it runs on this machine
 
     @property
     def url(self) -> str:
@@ -121,7 +122,10 @@ class Running:
     def cpu_seconds(self) -> dict[str, float]:
         """User plus system CPU time of each service so far, by name: unlike wall time, what a change
         costs in work, whatever else the machine does (bench/RESULTS.md; these machines are shared)."""
-        return {service["name"]: process_cpu_seconds(service["pid"]) for service in self.cluster["services"]}
+        used = {service["name"]: process_cpu_seconds(service["pid"]) for service in self.cluster["services"]}
+        if self.redis_pid is not None:  # on the same cores, its work on the cache's writes is the cache's cost too
+            used["redis-server"] = process_cpu_seconds(self.redis_pid)
+        return used
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -166,4 +170,16 @@ def start(name: str, model: Path, run_dir: Path, dtype: str, extra: list[str] | 
             process.kill()
             raise RuntimeError(f"{name} did not start; see {run_dir / 'up.log'}")
         time.sleep(0.2)
-    return Running(name, process, json.loads(cluster_file.read_text()))
+    return Running(name, process, json.loads(cluster_file.read_text()),
+                   local_redis_pid(redis_url or "redis://127.0.0.1:6379/0") if base.endswith("redis") else None)
+
+
+def local_redis_pid(url: str) -> int | None:
+    """The process id of the Redis server at `url` if it runs on this machine (its /proc entry is a Redis)."""
+    import redis
+
+    try:
+        pid = int(redis.Redis.from_url(url, socket_timeout=5).info("server")["process_id"])
+        return pid if "redis" in Path(f"/proc/{pid}/comm").read_text() else None
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return None

@@ -236,3 +236,18 @@ def test_up_with_redis_serves_repeats_from_the_cache(demo_model, tmp_path, serve
     finally:
         process.terminate()
         process.wait(60)
+
+
+def test_the_bench_counts_the_cpu_of_a_redis_on_this_machine(server):
+    from bench.configs import Running, local_redis_pid
+
+    assert local_redis_pid(server.url) == server.process.pid
+    running = Running("cluster-2-cache-redis", server.process, {"services": []}, local_redis_pid(server.url))
+    client = redis.Redis(port=server.port)
+    before = running.cpu_seconds()["redis-server"]
+    for batch in range(10):  # its CPU time counts in clock ticks (10 ms): work until one passes
+        client.mset({f"k{batch}:{i}": b"x" * 1000 for i in range(20_000)})
+        if running.cpu_seconds()["redis-server"] > before:
+            break
+    assert running.cpu_seconds()["redis-server"] > before
+    assert local_redis_pid(f"redis://127.0.0.1:{free_port()}/0") is None
