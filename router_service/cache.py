@@ -2,13 +2,14 @@
 
 A key names one token row at one layer: the model revision, the layer, and a 128-bit xxh3 hash of
 the row's exact bytes together with its chosen experts and gate weights. The value is that row's
-combined expert output, as bytes in the serving dtype, exactly as the experts returned it.
+combined expert output, as bytes in the serving dtype, exactly as the experts returned it. In Redis a
+token's rows of every MoE layer share one value, under its first layer's key (cache_bundles.py).
 
-Redis is optional and fail-open: a lookup that errors or times out, or a value of the wrong size,
+Redis is optional and fail-open: a lookup that errors or times out, or a value not in our format,
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
 a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
 period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
-thread, pipelined SETs with a TTL for what the layer steps queued meanwhile, off the critical path.
+thread, pipelined SETs with a TTL for what the steps queued meanwhile, off the critical path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import xxhash
 log = logging.getLogger(__name__)
 
 ENTRY_OVERHEAD = 120  # bytes per entry beyond its row: the key string and its dict entry
-MAX_WRITE_KEYS = 4096  # rows per write command, when queued layer steps are merged into one
+MAX_WRITE_KEYS = 4096  # values per write command, when queued steps are merged into one
 MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in as if written, its contents unchanged
 
@@ -197,7 +198,7 @@ def set_commands(keys: list[str], rows: np.ndarray, ttl_s: int) -> list[memoryvi
 
 
 class RedisCache:
-    """Tier 2: one MGET per layer step for every local miss; pipelined SETs from a writer thread."""
+    """Tier 2: one MGET per step for the local misses; pipelined SETs from a writer thread."""
 
     def __init__(self, url: str, ttl_s: int, timeout_s: float, on_error: Callable[[], None] | None = None):
         import redis
@@ -244,7 +245,7 @@ class RedisCache:
             if batch is None:
                 break
             keys, rows = list(batch[0]), [batch[1]]
-            # what queued up meanwhile (the next layers' rows) goes in the same command
+            # what queued up meanwhile (the next steps' values) goes in the same command
             while len(keys) < MAX_WRITE_KEYS:
                 try:
                     more = self._writes.get_nowait()
