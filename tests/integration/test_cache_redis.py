@@ -56,12 +56,23 @@ def serve(engine, prompts):
     return list(drain(engine, {0: [(p, PARAMS) for p in prompts]}).values())
 
 
+def served_and_written(parts, url: str, prompts, revision: str = "rev-a"):
+    """Serve the prompts on a fresh router and wait until its Redis writes are sent; -> (outputs, its cache)."""
+    engine, cache, _ = router(parts, url, revision)
+    outputs = serve(engine, prompts)
+    cache.redis.flush()
+    return outputs, cache
+
+
+def assert_same_outputs(got, expected) -> None:
+    assert [tokens(r) for r in got] == [tokens(r) for r in expected]
+    assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
+
+
 def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server):
     model, _ = parts
-    first, first_cache, _ = router(parts, server.url)
     prompts = random_prompts(3, 256, seed=11)
-    expected = serve(first, prompts)
-    first_cache.redis.flush()
+    expected, _ = served_and_written(parts, server.url, prompts)
     client = redis.Redis.from_url(server.url)
     written = client.keys("moe:rev-a:*")
     assert written and all(0 < client.ttl(key) <= 3600 for key in written[:20])
@@ -69,9 +80,7 @@ def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server
     assert len(written) == sum(len(p) + PARAMS.max_tokens - 1 for p in prompts)
     assert {key.decode().split(":")[2] for key in written} == {str(model.cfg.moe_layers[0])}
     second, second_cache, registry = router(parts, server.url)
-    got = serve(second, prompts)
-    assert [tokens(r) for r in got] == [tokens(r) for r in expected]
-    assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
+    assert_same_outputs(serve(second, prompts), expected)
     assert second_cache.dispatched_rows == 0
     assert count(registry, "redis", "hit") > 0 and count(registry, "redis", "error") == 0
     # Redis answered at each step's first layer; the later layers found its values in the local tier
@@ -80,10 +89,8 @@ def test_a_second_router_gets_redis_hits_for_what_the_first_served(parts, server
 
 def test_a_value_serves_a_later_layer_only_where_that_layers_key_matches(parts, server):
     model, _ = parts
-    writer, writer_cache, _ = router(parts, server.url)
     prompts = random_prompts(2, 256, seed=18)
-    expected = serve(writer, prompts)
-    writer_cache.redis.flush()
+    expected, writer_cache = served_and_written(parts, server.url, prompts)
     client = redis.Redis(port=server.port)
     keys = list(client.scan_iter(match="moe:*"))
     form = writer_cache._form
@@ -93,9 +100,7 @@ def test_a_value_serves_a_later_layer_only_where_that_layers_key_matches(parts, 
         value[at:at + 32] = b"0" * 32
         client.set(key, bytes(value))
     reader, reader_cache, registry = router(parts, server.url)
-    got = serve(reader, prompts)
-    assert [tokens(r) for r in got] == [tokens(r) for r in expected]
-    assert [logprobs(r) for r in got] == [logprobs(r) for r in expected]
+    assert_same_outputs(serve(reader, prompts), expected)
     # that layer, and only that one, was computed: once per token
     assert reader_cache.dispatched_rows == len(keys) and count(registry, "redis", "hit") == len(keys)
     layers = len(model.cfg.moe_layers)
@@ -170,10 +175,8 @@ def test_redis_stopped_mid_run_then_restarted(parts, server):
 
 
 def test_garbage_from_redis_is_an_error_and_computed(parts, server):
-    writer, writer_cache, _ = router(parts, server.url)
     prompts = random_prompts(2, 256, seed=14)
-    expected = serve(writer, prompts)
-    writer_cache.redis.flush()
+    expected, _ = served_and_written(parts, server.url, prompts)
     client = redis.Redis(port=server.port)
     keys = list(client.scan_iter(match="moe:*"))
     assert keys
@@ -185,10 +188,8 @@ def test_garbage_from_redis_is_an_error_and_computed(parts, server):
 
 
 def test_revisions_never_collide(parts, server):
-    a, a_cache, _ = router(parts, server.url, revision="rev-a")
     prompts = random_prompts(2, 256, seed=15)
-    serve(a, prompts)
-    a_cache.redis.flush()
+    served_and_written(parts, server.url, prompts, revision="rev-a")
     b, _, registry = router(parts, server.url, revision="rev-b")
     serve(b, prompts)
     assert count(registry, "redis", "hit") == 0 and count(registry, "redis", "miss") > 0
