@@ -169,7 +169,7 @@ REPLIES_ON = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$2\r\nON\r\n"
 
 def set_commands(keys: list[str], rows: np.ndarray, ttl_s: int) -> list[memoryview]:
     """`SET key row EX ttl` for every row, as RESP bytes. Keys of one length are framed together by numpy
-    (a layer's keys all have one length, so usually all of them at once): no Python per row."""
+    (the router's keys are all its first MoE layer's, of one length, so all of them at once): no Python per row."""
     width, ttl = rows.shape[1], str(ttl_s).encode()
     value_head = np.frombuffer(b"\r\n$%d\r\n" % width, dtype=np.uint8)
     tail = np.frombuffer(b"\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl), dtype=np.uint8)

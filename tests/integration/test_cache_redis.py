@@ -124,7 +124,7 @@ def test_writes_land_with_their_expiry_and_a_refused_one_costs_only_its_rows(ser
     cache = RedisCache(server.url, ttl_s=60, timeout_s=0.5)
     client = redis.Redis(port=server.port)
     try:
-        for batch in range(3):  # keys of two lengths in one write, as a step's layers 9 and 10 give
+        for batch in range(3):  # keys of two lengths in one write (layers 9 and 10), framed apart
             keys = [f"moe:w:{9 + i % 2}:{batch}:{i}" for i in range(50)]
             rows = np.array([[batch, i] * 100 for i in range(50)], dtype=np.uint8)
             cache.put_rows(keys, rows)
