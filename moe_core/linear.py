@@ -13,7 +13,10 @@ into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent i
 changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
 `MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
 
-On CPUs with AVX2 but no AVX-512, float32 and bfloat16 weights go to the panel GEMM instead
+On CPUs with AVX512-BF16 and no AMX, bfloat16 weights go to the pair-dot GEMM (`moe_core.bf16_gemm`:
+faster than oneDNN from 1 row to prefill sizes there, one kernel for all row counts, a row's result
+independent of its neighbours). On CPUs with AVX2 but no AVX-512, float32 and bfloat16 weights go to
+the panel GEMM instead
 (`moe_core.panel_gemm`: faster than oneDNN there at every row count measured, one kernel for all row
 counts, and a row's result never depends on its neighbours), so neither the bounded kernel set nor the
 lone-row probe applies. It computes in float32; bfloat16 weights only halve the bytes read.
@@ -30,7 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moe_core import panel_gemm
+from moe_core import bf16_gemm, panel_gemm
 from moe_core.dtypes import cpu_has_fast_bf16
 
 PACK_HINT = 16  # rows oneDNN tunes the packed layout for (a decode step's rows per expert)
@@ -67,15 +70,20 @@ def _packable_dtype(dtype: torch.dtype) -> bool:
 class Linear:
     """y = x @ W.T + b for a [out, in] weight."""
 
-    __slots__ = ("bias", "packed", "pad_single", "panels", "shape", "weight")
+    __slots__ = ("bias", "packed", "pad_single", "pairs", "panels", "shape", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None):
         self.shape = tuple(weight.shape)
         self.bias = bias
         self.packed = None
         self.panels = None
+        self.pairs = None
         self.weight: torch.Tensor | None = weight
-        if pack is None and panel_gemm.enabled_for(weight):  # pack=True asks for oneDNN's layout
+        if pack is None and bf16_gemm.enabled_for(weight):
+            self.pairs = bf16_gemm.pack(weight)
+            self.bias = None if bias is None else bias.float().contiguous()
+            self.weight = None
+        elif pack is None and panel_gemm.enabled_for(weight):  # pack=True asks for oneDNN's layout
             self.panels = panel_gemm.pack(weight)
             self.bias = None if bias is None else bias.float().contiguous()
             self.weight = None
@@ -88,6 +96,9 @@ class Linear:
         self.pad_single = self.packed is not None and self._single_row_differs()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pairs is not None:  # bfloat16 rows in and out, float32 accumulation
+            y = bf16_gemm.matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.pairs, self.shape[0], self.bias)
+            return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
         if self.panels is not None:  # float32 rows in and out (bfloat16 weights widen in the kernel)
             y = panel_gemm.matmul(x.reshape(-1, x.shape[-1]).float(), self.panels, self.shape[0], self.bias)
             return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
@@ -119,6 +130,8 @@ class Linear:
 
     def dense(self) -> torch.Tensor:
         """The weight as a plain tensor (for inspection and tests)."""
+        if self.pairs is not None:
+            return bf16_gemm.unpack(self.pairs, self.shape[0])
         if self.panels is not None:
             return panel_gemm.unpack(self.panels, self.shape[0])
         return self.packed.to_dense() if self.packed is not None else self.weight
@@ -133,4 +146,4 @@ class Linear:
 
     @property
     def _stored(self) -> torch.Tensor:
-        return next(t for t in (self.panels, self.packed, self.weight) if t is not None)
+        return next(t for t in (self.pairs, self.panels, self.packed, self.weight) if t is not None)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+EXTRA_FLAGS = {"bf16_gemm": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")}  # called only where the CPU has them
+KERNELS = ("panel_gemm", "paged_attention", "bf16_gemm")
 
 
 def wanted(setting: str, beside_avx512: bool = False) -> bool:
@@ -52,7 +54,8 @@ def kernel_dir() -> Path:
 def build(name: str) -> Path:
     """The library of kernels/`name`.cpp with these flags: found in `kernel_dir()`, or compiled there now."""
     source = SOURCES / f"{name}.cpp"
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    flags = FLAGS + EXTRA_FLAGS.get(name, ())
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = kernel_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
@@ -64,7 +67,7 @@ def build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

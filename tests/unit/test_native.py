@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core import native, panel_gemm
+from moe_core import bf16_gemm, native, panel_gemm
 from moe_core.dtypes import cpu_flags
 from moe_core.linear import Linear
 
-KERNELS = ["panel_gemm", "paged_attention"]
+KERNELS = list(native.KERNELS)
 needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="the kernels need AVX2 and FMA")
 
 
@@ -26,9 +26,11 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_KERNEL_DIR", str(tmp_path))
     native.load.cache_clear()
     panel_gemm.library.cache_clear()
+    bf16_gemm.library.cache_clear()
     yield tmp_path
     native.load.cache_clear()
     panel_gemm.library.cache_clear()
+    bf16_gemm.library.cache_clear()
 
 
 def test_the_default_follows_the_cpu(monkeypatch):
@@ -75,7 +77,10 @@ def test_without_a_compiler_it_says_so_and_linear_uses_onednn(monkeypatch, fresh
     monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger="moe_core.native"):
         layer = Linear(torch.randn(8, 8))
+        monkeypatch.setenv("MOE_BF16_GEMM", "1")
+        half = Linear(torch.randn(8, 8).bfloat16())
     assert layer.panels is None and layer(torch.ones(1, 8)).shape == (1, 8)
+    assert half.pairs is None and half(torch.ones(1, 8).bfloat16()).shape == (1, 8)
     assert "no C++ compiler" in caplog.text and "panel_gemm" in caplog.text
 
 
