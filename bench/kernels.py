@@ -4,7 +4,8 @@
 
 Expert GEMMs: one expert's gate/up and down projections (512 -> 2x1408 -> 512) over 64 experts' weights in
 turn, so the weights come from memory as in a decode step; oneDNN's packed float32 and bfloat16 layouts
-against the panel GEMM with float32 and with bfloat16 weights. Decode attention: 32 sequences of 40-600
+against the panel GEMM with float32 and with bfloat16 weights, and (on CPUs with AVX512-BF16) the bfloat16
+pair-dot GEMM. Decode attention: 32 sequences of 40-600
 cached tokens over 8 layers' caches, float32 and bfloat16; torch's block gather plus SDPA (batched in
 length groups, and one call per sequence) against the paged kernel. Best of interleaved rounds.
 """
@@ -16,8 +17,9 @@ import time
 
 import torch
 
-from moe_core import paged_attention, panel_gemm
+from moe_core import bf16_gemm, paged_attention, panel_gemm
 from moe_core.attention import decode_attention, decode_attention_each, decode_groups
+from moe_core.dtypes import cpu_flags
 from moe_core.linear import Linear
 
 EXPERTS, HIDDEN, INTERMEDIATE = 64, 512, 1408
@@ -44,10 +46,13 @@ def expert_gemms(rows: list[int]) -> None:
     panels = {dtype: [(panel_gemm.pack(u.to(dtype)), panel_gemm.pack(d.to(dtype))) for u, d in zip(ups, downs,
                                                                                                    strict=True)]
               for dtype in (torch.float32, torch.bfloat16)}
+    pairs = ([(bf16_gemm.pack(u.bfloat16()), bf16_gemm.pack(d.bfloat16())) for u, d in zip(ups, downs, strict=True)]
+             if cpu_flags() >= bf16_gemm.NEEDS and bf16_gemm.library() is not None else None)
     weight_bytes = EXPERTS * 3 * HIDDEN * INTERMEDIATE * 4
     print("| rows | oneDNN f32 ms/expert | panel f32 ms/expert | oneDNN bf16 ms/expert | panel bf16-weight ms/expert "
-          "| panel f32 / oneDNN f32 speed | panel f32 GB/s |")
-    print("|---|---|---|---|---|---|---|")
+          "| bf16 pair-dot ms/expert | panel f32 / oneDNN f32 speed | pair-dot / oneDNN bf16 speed | "
+          "panel f32 GB/s | pair-dot GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in rows:
         x, h = torch.randn(m, HIDDEN), torch.randn(m, INTERMEDIATE)
 
@@ -67,11 +72,23 @@ def expert_gemms(rows: list[int]) -> None:
                     panel_gemm.matmul(h, down, HIDDEN)
             return run
 
-        t = best_of({"onednn": run_onednn(torch.float32), "f32": run_panels(torch.float32),
-                     "onednn_bf16": run_onednn(torch.bfloat16), "bf16": run_panels(torch.bfloat16)})
+        def run_pairs_of(xs, hs):
+            def run():
+                for up, down in pairs:
+                    bf16_gemm.matmul(xs, up, 2 * INTERMEDIATE)
+                    bf16_gemm.matmul(hs, down, HIDDEN)
+            return run
+
+        run_pairs = run_pairs_of(x.bfloat16(), h.bfloat16())
+
+        fns = {"onednn": run_onednn(torch.float32), "f32": run_panels(torch.float32),
+               "onednn_bf16": run_onednn(torch.bfloat16), "bf16": run_panels(torch.bfloat16)}
+        t = best_of(fns | ({"pairs": run_pairs} if pairs else {}))
+        t.setdefault("pairs", float("nan"))
         per = {k: v / EXPERTS * 1e3 for k, v in t.items()}
         print(f"| {m} | {per['onednn']:.3f} | {per['f32']:.3f} | {per['onednn_bf16']:.3f} | {per['bf16']:.3f} | "
-              f"{t['onednn'] / t['f32']:.2f} | {weight_bytes / t['f32'] / 1e9:.1f} |")
+              f"{per['pairs']:.3f} | {t['onednn'] / t['f32']:.2f} | {t['onednn_bf16'] / t['pairs']:.2f} | "
+              f"{weight_bytes / t['f32'] / 1e9:.1f} | {weight_bytes / 2 / t['pairs'] / 1e9:.1f} |")
 
 
 def decode_attention_calls(dtype: torch.dtype, layers: int = 8, seqs: int = 32, block: int = 16) -> None:
