@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moe_core.config import MoeConfig
 from moe_core.linear import Linear
@@ -48,8 +47,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, mlp: Mlp) -> torch.Tensor:
-    gate, up = mlp.gate_up(x).chunk(2, dim=-1)  # [T, I] each
-    return mlp.down(F.silu(gate) * up)
+    return mlp.down(mlp.gate_up(x))
 
 
 def project_qkv(cfg: MoeConfig, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -26,7 +26,9 @@ class Sampler:
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if greedy:
+        if len(greedy) == len(seqs):  # the usual batch: no copy of the rows first (4 MB at 32 rows of 32,000)
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if sampled:
             tokens[sampled] = self._sample(logits[sampled], [seqs[i] for i in sampled])

@@ -7,18 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from moe_core.experts import SMALL_PAIRS, UnknownExpertError, expert_forward
-from moe_core.linear import Linear
+from moe_core.linear import GatedLinear, Linear
 from moe_core.weights import LayerExperts
 
 H, FFN, E = 16, 24, 6
 
 
-def layer_experts(held: list[int], seed: int = 0) -> tuple[LayerExperts, dict[int, tuple]]:
+def layer_experts(held: list[int], seed: int = 0, dtype: torch.dtype = torch.float32
+                  ) -> tuple[LayerExperts, dict[int, tuple]]:
     g = torch.Generator().manual_seed(seed)
-    raw = {e: (torch.randn(2 * FFN, H, generator=g), torch.randn(H, FFN, generator=g)) for e in range(E)}
+    raw = {e: (torch.randn(2 * FFN, H, generator=g).to(dtype), torch.randn(H, FFN, generator=g).to(dtype))
+           for e in range(E)}
     local_of = torch.full((E,), -1, dtype=torch.int64)
     local_of[held] = torch.arange(len(held))
-    return LayerExperts(3, held, [Linear(raw[e][0]) for e in held], [Linear(raw[e][1]) for e in held], local_of), raw
+    return (LayerExperts(3, held, [GatedLinear(raw[e][0]) for e in held], [Linear(raw[e][1]) for e in held], local_of),
+            raw)
 
 
 def reference(raw, x, ids, weights):
@@ -40,6 +43,20 @@ def test_matches_a_per_pair_loop(rows):
     ids = torch.tensor([0, 2, 3, 5, -1])[torch.randint(0, 5, (rows, 2), generator=g)]
     weights = torch.rand(rows, 2, generator=g)
     assert torch.allclose(expert_forward(experts, x, ids, weights), reference(raw, x, ids, weights), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, SMALL_PAIRS // 2 + 7])
+def test_bfloat16_experts_track_the_per_pair_loop(rows):
+    """bfloat16 weights take the fused gate/up kernel where the CPU has AVX512-BF16, oneDNN elsewhere."""
+    experts, raw = layer_experts([0, 2, 3, 5], dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, H, generator=g).bfloat16()
+    ids = torch.tensor([0, 2, 3, 5, -1])[torch.randint(0, 5, (rows, 2), generator=g)]
+    weights = torch.rand(rows, 2, generator=g)
+    got = expert_forward(experts, x, ids, weights)
+    assert got.dtype == torch.bfloat16
+    want = reference({e: (a.float(), b.float()) for e, (a, b) in raw.items()}, x.float(), ids, weights)
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("rows", [2, SMALL_PAIRS])
