@@ -1,6 +1,5 @@
 """A bfloat16 GEMM on AVX512-BF16's pair dot product (kernels/bf16_gemm.cpp, built by `moe_core.native`),
-for every matmul of a bfloat16 model on CPUs that have the instruction and no AMX, and a SwiGLU's gate and
-up projections with the activation in the same pass.
+for every matmul of a bfloat16 model on CPUs that have the instruction and no AMX.
 
 oneDNN's packed bfloat16 kernels read a decode step's weights at 12-25 GB/s on such a CPU (AMD Zen 4),
 where the memory streams 34; this kernel reads them at 25-40 GB/s from 1 to 8 rows, and matches or beats
@@ -51,9 +50,6 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_gemm.restype = None
     lib.bf16_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
-    lib.bf16_gemm_swiglu.restype = None
-    lib.bf16_gemm_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
     return lib
 
 
@@ -72,43 +68,17 @@ def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
     return panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * PANEL, -1)[:n].contiguous()
 
 
-def pack_gated(weight: torch.Tensor) -> torch.Tensor:
-    """A SwiGLU's [2I, K] gate-then-up weight -> its gate and up panels interleaved (gate panel q, up panel q),
-    each half padded to whole panels: the layout `swiglu` reads."""
-    i = weight.shape[0] // 2
-    if weight.shape[0] != 2 * i:
-        raise ValueError(f"a gate/up weight has an even number of rows, not {weight.shape[0]}")
-    gate, up = pack(weight[:i]), pack(weight[i:])
-    return torch.stack([gate, up], dim=1).reshape(-1, *gate.shape[1:]).contiguous()
-
-
-def unpack_gated(panels: torch.Tensor, i: int) -> torch.Tensor:
-    return torch.cat([unpack(panels[0::2], i), unpack(panels[1::2], i)])
-
-
 def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] bfloat16 -> x @ W.T (+ bias) [M, n] bfloat16, W being what `pack` got; bias contiguous
     float32 [n], added before the one rounding to bfloat16."""
-    x, k = _rows(x, panels)
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    if x.shape[0]:
-        library().bf16_gemm(x.data_ptr(), x.stride(0), x.shape[0], k, panels.data_ptr(),
-                            None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
-    return y
-
-
-def swiglu(x: torch.Tensor, panels: torch.Tensor, i: int) -> torch.Tensor:
-    """x [M, K] bfloat16 -> silu(x @ G.T) * (x @ U.T) [M, i] bfloat16 for what `pack_gated` got: the bits of
-    `F.silu(gate) * up` over the bfloat16 tensors gate and up, without writing them."""
-    x, k = _rows(x, panels)
-    y = torch.empty(x.shape[0], i, dtype=torch.bfloat16)
-    if x.shape[0]:
-        library().bf16_gemm_swiglu(x.data_ptr(), x.stride(0), x.shape[0], k, panels.data_ptr(), i, y.data_ptr(), i)
-    return y
-
-
-def _rows(x: torch.Tensor, panels: torch.Tensor) -> tuple[torch.Tensor, int]:
     k = 2 * panels.shape[1]
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"bf16 GEMM wants bfloat16 rows of {k}, got {x.dtype} {tuple(x.shape)}")
-    return (x if x.stride(1) == 1 else x.contiguous()), k
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        library().bf16_gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(),
+                            None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
+    return y

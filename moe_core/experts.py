@@ -12,6 +12,7 @@ dozen tensor ops a vectorised grouping needs; large batches (prefill) group with
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moe_core.weights import LayerExperts
 
@@ -38,8 +39,9 @@ def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, we
     for e, count in enumerate(counts):
         if count:
             mine = slice(start, start + count)
+            gate, up = experts.gate_up[e](xs[mine]).chunk(2, dim=-1)
             # scaled by the gate weights straight into ys (float32): no second pass over all pairs
-            torch.mul(experts.down[e](experts.gate_up[e](xs[mine])), pair_w[mine, None], out=ys[mine])
+            torch.mul(experts.down[e](F.silu(gate) * up), pair_w[mine, None], out=ys[mine])
             start += count
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, ys)

@@ -147,37 +147,3 @@ class Linear:
     @property
     def _stored(self) -> torch.Tensor:
         return next(t for t in (self.pairs, self.panels, self.packed, self.weight) if t is not None)
-
-
-class GatedLinear:
-    """SwiGLU's first half, silu(x @ G.T) * (x @ U.T), for a [2I, in] weight of gate rows then up rows.
-
-    Where the bf16 pair-dot GEMM runs, one pass computes both projections and the activation from the
-    registers (the bits of the unfused bfloat16 ops; 1.1-1.3x faster at 1-8 and 1024 rows); elsewhere a
-    `Linear` over the whole weight and torch's ops."""
-
-    __slots__ = ("linear", "pairs", "shape")
-
-    def __init__(self, weight: torch.Tensor):
-        self.shape = tuple(weight.shape)
-        self.pairs = bf16_gemm.pack_gated(weight) if bf16_gemm.enabled_for(weight) else None
-        self.linear = None if self.pairs is not None else Linear(weight)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pairs is None:
-            gate, up = self.linear(x).chunk(2, dim=-1)
-            return F.silu(gate) * up
-        y = bf16_gemm.swiglu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.pairs, self.shape[0] // 2)
-        return y.reshape(*x.shape[:-1], self.shape[0] // 2).to(x.dtype)
-
-    def dense(self) -> torch.Tensor:
-        """The [2I, in] weight as a plain tensor (for inspection and tests)."""
-        return bf16_gemm.unpack_gated(self.pairs, self.shape[0] // 2) if self.pairs is not None else self.linear.dense()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pairs.dtype if self.pairs is not None else self.linear.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.pairs.device if self.pairs is not None else self.linear.device

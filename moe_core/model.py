@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moe_core.config import MoeConfig
 from moe_core.linear import Linear
@@ -47,7 +48,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, mlp: Mlp) -> torch.Tensor:
-    return mlp.down(mlp.gate_up(x))
+    gate, up = mlp.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+    return mlp.down(F.silu(gate) * up)
 
 
 def project_qkv(cfg: MoeConfig, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

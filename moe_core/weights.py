@@ -18,7 +18,7 @@ from tqdm import tqdm
 from moe_core.checkpoint import Checkpoint
 from moe_core.config import MoeConfig
 from moe_core.errors import CheckpointError
-from moe_core.linear import GatedLinear, Linear
+from moe_core.linear import Linear
 from moe_core.placement import ffn_range
 
 PROGRESS_MIN_BYTES = 256 * 2**20
@@ -26,7 +26,7 @@ PROGRESS_MIN_BYTES = 256 * 2**20
 
 @dataclass
 class Mlp:
-    gate_up: GatedLinear  # [2 * I, H]: gate and up projections fused, with the activation
+    gate_up: Linear  # [2 * I, H]: gate and up projections fused
     down: Linear  # [H, I]
 
 
@@ -63,7 +63,7 @@ class LayerExperts:
 
     layer: int
     expert_ids: list[int]
-    gate_up: list[GatedLinear]  # per local expert: [2 * I, H], with the activation
+    gate_up: list[Linear]  # per local expert: [2 * I, H]
     down: list[Linear]  # per local expert: [H, I]
     local_of: torch.Tensor  # [num_experts] int64: local index, or -1 where not held here
 
@@ -156,7 +156,7 @@ def _load_attention(read: _Reader, cfg: MoeConfig, layer: int) -> Attention:
 def _load_mlp(read: _Reader, name, size: int, h: int) -> Mlp:
     gate = read(name("gate_proj"), (size, h))
     up = read(name("up_proj"), (size, h))
-    return Mlp(gate_up=GatedLinear(torch.cat([gate, up])), down=Linear(read(name("down_proj"), (h, size))))
+    return Mlp(gate_up=Linear(torch.cat([gate, up])), down=Linear(read(name("down_proj"), (h, size))))
 
 
 def all_expert_pairs(cfg: MoeConfig) -> list[tuple[int, int]]:
@@ -208,7 +208,7 @@ def _load_layer_experts(read: _Reader, cfg: MoeConfig, layer: int, ids: list[int
             gate_up = torch.cat([read(n.expert(layer, e, 0), (width, h), index=mine),
                                  read(n.expert(layer, e, 1), (width, h), index=mine)])
             down = read(n.expert(layer, e, 2), (h, width), index=(every, mine))
-        gate_ups.append(GatedLinear(gate_up))
+        gate_ups.append(Linear(gate_up))
         downs.append(Linear(down))
     local_of = torch.full((cfg.num_experts,), -1, dtype=torch.int64)
     local_of[ids] = torch.arange(len(ids))

@@ -8,7 +8,7 @@ import torch
 
 from moe_core import bf16_gemm
 from moe_core.dtypes import cpu_flags
-from moe_core.linear import GatedLinear, Linear
+from moe_core.linear import Linear
 
 needs_bf16 = pytest.mark.skipif(not cpu_flags() >= bf16_gemm.NEEDS, reason="the kernel needs AVX512-BF16")
 
@@ -95,55 +95,3 @@ def test_auto_leaves_amx_cpus_to_onednn(monkeypatch):
     assert bf16_gemm.wanted()
     monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert not bf16_gemm.wanted()  # forced on, but the CPU cannot run it
-
-
-@needs_bf16
-@pytest.mark.parametrize(("i", "k"), [(1408, 512), (40, 64), (7, 6)])
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 37, 301])
-def test_swiglu_gives_the_bits_of_the_unfused_ops(i, k, rows):
-    """silu(gate) * up from the registers: what F.silu and * give over the bfloat16 gate and up tensors."""
-    torch.manual_seed(i + k + rows)
-    weight = (torch.randn(2 * i, k) * 0.3).bfloat16()
-    x = torch.randn(rows, k).bfloat16() * 8
-    pairs = bf16_gemm.pack_gated(weight)
-    assert torch.equal(bf16_gemm.unpack_gated(pairs, i), weight)
-    gate, up = bf16_gemm.matmul(x, bf16_gemm.pack(weight), 2 * i).chunk(2, dim=-1)
-    want = torch.nn.functional.silu(gate) * up
-    got = bf16_gemm.swiglu(x, pairs, i)
-    assert got.shape == (rows, i) and got.dtype == torch.bfloat16
-    assert torch.equal(got, want)
-
-
-@needs_bf16
-def test_swiglu_far_out_gates():
-    """e^-x overflows float32 below -88 (silu goes to -0, through denormals) and vanishes above (silu is x)."""
-    gates = torch.tensor([-1e4, -200, -105, -104, -100, -89, -88.5, -88, -87, -20, -1, -1e-3, 0, 1e-3, 1, 20, 88,
-                          89, 100, 104, 105, 200, 1e4])
-    x = torch.stack([gates, torch.full_like(gates, 3.0)], dim=1).bfloat16()  # [gate input, up input]
-    weight = torch.eye(2).bfloat16()  # gate = x[:, 0], up = x[:, 1]
-    want = torch.nn.functional.silu(x[:, :1]) * x[:, 1:]
-    assert torch.equal(bf16_gemm.swiglu(x, bf16_gemm.pack_gated(weight), 1), want)
-
-
-@needs_bf16
-def test_swiglu_rows_do_not_depend_on_their_call():
-    torch.manual_seed(7)
-    pairs, x = bf16_gemm.pack_gated(torch.randn(2 * 100, 64).bfloat16()), torch.randn(50, 64).bfloat16()
-    alone = torch.cat([bf16_gemm.swiglu(x[r:r + 1], pairs, 100) for r in range(len(x))])
-    for rows, start in [(2, 3), (8, 0), (9, 20), (50, 0)]:
-        assert torch.equal(bf16_gemm.swiglu(x[start:start + rows], pairs, 100), alone[start:start + rows])
-
-
-@needs_bf16
-def test_gated_linear_fuses_where_the_kernel_runs(monkeypatch, forced_on):
-    torch.manual_seed(8)
-    weight, x = torch.randn(2 * 24, 16).bfloat16(), torch.randn(3, 2, 16).bfloat16()
-    fused = GatedLinear(weight)
-    assert fused.pairs is not None and fused.linear is None and fused.dtype == torch.bfloat16
-    gate, up = Linear(weight)(x).chunk(2, dim=-1)
-    assert torch.equal(fused(x), torch.nn.functional.silu(gate) * up)
-    assert fused(x).shape == (3, 2, 24) and torch.equal(fused.dense(), weight)
-    monkeypatch.setenv("MOE_BF16_GEMM", "0")
-    plain = GatedLinear(weight)
-    assert plain.pairs is None and torch.equal(plain.dense(), weight)
-    torch.testing.assert_close(plain(x).float(), fused(x).float(), rtol=2 ** -6, atol=1e-2)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_core.experts import SMALL_PAIRS, UnknownExpertError, expert_forward
-from moe_core.linear import GatedLinear, Linear
+from moe_core.linear import Linear
 from moe_core.weights import LayerExperts
 
 H, FFN, E = 16, 24, 6
@@ -20,7 +20,7 @@ def layer_experts(held: list[int], seed: int = 0, dtype: torch.dtype = torch.flo
            for e in range(E)}
     local_of = torch.full((E,), -1, dtype=torch.int64)
     local_of[held] = torch.arange(len(held))
-    return (LayerExperts(3, held, [GatedLinear(raw[e][0]) for e in held], [Linear(raw[e][1]) for e in held], local_of),
+    return (LayerExperts(3, held, [Linear(raw[e][0]) for e in held], [Linear(raw[e][1]) for e in held], local_of),
             raw)
 
 
@@ -47,7 +47,7 @@ def test_matches_a_per_pair_loop(rows):
 
 @pytest.mark.parametrize("rows", [1, 5, SMALL_PAIRS // 2 + 7])
 def test_bfloat16_experts_track_the_per_pair_loop(rows):
-    """bfloat16 weights take the fused gate/up kernel where the CPU has AVX512-BF16, oneDNN elsewhere."""
+    """bfloat16 weights take the pair-dot GEMM where the CPU has AVX512-BF16, oneDNN elsewhere."""
     experts, raw = layer_experts([0, 2, 3, 5], dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, H, generator=g).bfloat16()
