@@ -1,6 +1,6 @@
 """A 2-shard x 2-replica cluster computes what one process computes, and each shard gets exactly its rows;
 so does a cluster whose shards each compute half of every expert's FFN, and one placed by `moe-serve plan`
-with a hot expert copied to both shards."""
+with a hot expert copied to both shards. In bfloat16, a cluster tracks one process to bfloat16's precision."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from moe_core.balance import plan_placement
 from moe_core.config import load_config
+from moe_core.forward import sequence_logits
 from moe_core.loader import load_dense_model, load_expert_shard
 from moe_core.placement import even_split, ffn_split
 from moe_core.revision import model_revision
@@ -96,10 +97,10 @@ def test_cluster_equals_one_process(tiny_checkpoint, cluster, family, data_plane
 
 
 @contextmanager
-def one_replica_each(cluster, path, cfg, specs):
+def one_replica_each(cluster, path, cfg, specs, extra: list[str] | None = None):
     """Each shard of `specs` as one expert service; yields (loop, the router's expert backend over them)."""
     cluster.placement(specs)
-    experts = {s.shard_id: cluster.expert(path, s, 0) for s in specs}
+    experts = {s.shard_id: cluster.expert(path, s, 0, extra=extra) for s in specs}
     cluster.wait(*experts.values())
     loop = LoopThread()
     try:
@@ -110,6 +111,28 @@ def one_replica_each(cluster, path, cfg, specs):
         loop.run(remote.aclose())
     finally:
         loop.stop()
+
+
+def test_a_bfloat16_cluster_tracks_one_process(tiny_checkpoint, cluster):
+    """bfloat16 end to end: expert services in bfloat16 (on the pair-dot GEMM where the CPU has AVX512-BF16),
+    rows on the wire in bfloat16. Each shard's weighted sum is rounded to bfloat16 before the router adds
+    them, once more than in one process, so the logits agree to bfloat16's precision, not bit for bit."""
+    path = tiny_checkpoint(FAMILY_DEFAULT["mixtral"])
+    cfg = load_config(path)
+    model = load_dense_model(path, torch.bfloat16)
+    prompt = random_prompts(1, cfg.vocab_size, seed=3)[0]
+    alone = sequence_logits(model, LocalExperts(load_expert_shard(path, None, torch.bfloat16)[1]), prompt).float()
+    reference = sequence_logits(load_dense_model(path), LocalExperts(load_expert_shard(path, None)[1]), prompt)
+    specs = even_split(cfg, 2)
+    with one_replica_each(cluster, path, cfg, specs, extra=["--dtype", "bfloat16"]) as (_, remote):
+        clustered = sequence_logits(model, remote, prompt).float()
+        assert all(int(remote.stats.rows_sent[s.shard_id].sum()) > 0 for s in specs)  # both shards computed
+    scale = float(reference.abs().max())
+    assert (clustered - alone).abs().max() <= 0.05 * scale
+    assert (clustered.argmax(-1) == alone.argmax(-1)).float().mean() >= 0.9
+    # and both are bfloat16 renderings of the float32 model, not something else near each other
+    off = (clustered - reference).abs().mean()
+    assert 0 < off <= 0.02 * scale and (clustered.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.7
 
 
 def computed(loop, shard, like: torch.Tensor):
