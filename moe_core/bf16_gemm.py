@@ -42,15 +42,7 @@ def enabled_for(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    lib = native.load("bf16_gemm")
-    if lib is None:
-        return None
-    if lib.bf16_gemm_panel_width() != PANEL:
-        raise RuntimeError(f"{lib._name} packs {lib.bf16_gemm_panel_width()} columns per panel, this module {PANEL}")
-    lib.bf16_gemm.restype = None
-    lib.bf16_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
-    return lib
+    return native.load_gemm("bf16_gemm", PANEL, ("bf16_gemm",))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -85,3 +85,24 @@ def load(name: str) -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", None) or e
         log.warning("native kernel %s unavailable, torch's kernels run instead: %s", name, detail)
         return None
+
+
+# y = x . W^T (+ bias) over panel-packed weights: x, ldx, M, K, packed W, bias or null, N, y, ldy.
+GEMM_ARGTYPES = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
+
+
+def load_gemm(name: str, panel: int, entries: tuple[str, ...]) -> ctypes.CDLL | None:
+    """A panel GEMM library (`load`), its `<name>_panel_width()` checked against the caller's packing and
+    its GEMM entry points typed; None where it cannot be built or loaded."""
+    lib = load(name)
+    if lib is None:
+        return None
+    width = getattr(lib, f"{name}_panel_width")()
+    if width != panel:
+        raise RuntimeError(f"{lib._name} packs {width} columns per panel, its caller {panel}")
+    for entry in entries:
+        fn = getattr(lib, entry)
+        fn.restype = None
+        fn.argtypes = GEMM_ARGTYPES
+    return lib

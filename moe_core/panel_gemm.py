@@ -30,16 +30,7 @@ def enabled_for(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    lib = native.load("panel_gemm")
-    if lib is None:
-        return None
-    if lib.panel_gemm_panel_width() != PANEL:
-        raise RuntimeError(f"{lib._name} packs {lib.panel_gemm_panel_width()} columns per panel, this module {PANEL}")
-    for fn in (lib.panel_gemm, lib.panel_gemm_bf16):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
-    return lib
+    return native.load_gemm("panel_gemm", PANEL, ("panel_gemm", "panel_gemm_bf16"))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
