@@ -42,7 +42,13 @@ def enabled_for(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    return native.load_gemm("bf16_gemm", PANEL, ("bf16_gemm",))
+    lib = native.load_gemm("bf16_gemm", PANEL, ("bf16_gemm",))
+    if lib is not None:
+        lib.bf16_moe.restype = ctypes.c_int
+        lib.bf16_moe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -74,3 +80,46 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | N
         library().bf16_gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(),
                             None if bias is None else bias.data_ptr(), n, y.data_ptr(), n)
     return y
+
+
+class LayerKernel:
+    """One layer's routed experts in one native call (`bf16_moe`): grouping, each expert's SwiGLU FFN and
+    the gate-weighted sum, the same bits as `moe_core.experts`' torch ops, without their ≈ 40 µs of
+    Python and dispatch per expert (bench/RESULTS.md, "One call per layer's experts")."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor], local_of: torch.Tensor,
+                 hidden: int, inter: int):
+        self.hidden, self.inter, self.experts = hidden, inter, len(gate_up)
+        self._panels = [*gate_up, *down]  # the packed weights the pointers below point into
+        self._gate_up = (ctypes.c_void_p * len(gate_up))(*(p.data_ptr() for p in gate_up))
+        self._down = (ctypes.c_void_p * len(down))(*(p.data_ptr() for p in down))
+        self._local_of = local_of.to(torch.int64).contiguous()
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[int]] | None:
+        """x [T, H] bfloat16, ids [T, k] (global ids, -1 = none), weights [T, k] -> (out [T, H] bfloat16,
+        pairs per local expert); None when a row names an expert not held here (nothing computed)."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        ids = ids.to(torch.int64).contiguous()
+        weights = weights.to(torch.float32).contiguous()
+        out = torch.empty(x.shape[0], self.hidden, dtype=torch.bfloat16)
+        counts = torch.empty(self.experts, dtype=torch.int64)
+        status = library().bf16_moe(x.data_ptr(), x.stride(0), x.shape[0], self.hidden, self.inter, ids.shape[1],
+                                    ids.data_ptr(), weights.data_ptr(), self._local_of.data_ptr(),
+                                    self._local_of.numel(), self.experts, self._gate_up, self._down,
+                                    out.data_ptr(), counts.data_ptr())
+        return None if status else (out, counts.tolist())
+
+
+def layer_kernel(gate_up: list, down: list, local_of: torch.Tensor) -> LayerKernel | None:
+    """The native layer call for experts whose every weight runs on this kernel without a bias (the
+    `Linear`s of `moe_core.weights`), else None."""
+    linears = [*gate_up, *down]
+    if not linears or any(lin.pairs is None or lin.bias is not None for lin in linears):
+        return None
+    (two_inter, hidden), inter = gate_up[0].shape, down[0].shape[1]
+    if (any(lin.shape != (two_inter, hidden) for lin in gate_up) or two_inter != 2 * inter
+            or any(lin.shape != (hidden, inter) for lin in down)):
+        return None
+    return LayerKernel([lin.pairs for lin in gate_up], [lin.pairs for lin in down], local_of, hidden, inter)

@@ -28,6 +28,14 @@ def expert_forward(experts: LayerExperts, x: torch.Tensor, ids: torch.Tensor, we
     """x [T, H], ids [T, k] int (global ids, -1 = none), weights [T, k] -> [T, H] in x's dtype.
 
     `count_into` (indexed by global expert id) gets each expert's rows of this call added."""
+    if experts.kernel is not None and x.dtype == torch.bfloat16:
+        done = experts.kernel(x, ids, weights)
+        if done is not None:
+            out, counts = done
+            if count_into is not None:
+                for expert, count in zip(experts.expert_ids, counts, strict=True):
+                    count_into[expert] += count
+            return out
     group = _group_small if ids.numel() <= SMALL_PAIRS else _group_large
     rows, pair_w, counts = group(experts, ids, weights)  # pairs in expert order: row index, weight; pairs per expert
     if count_into is not None:

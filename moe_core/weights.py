@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
+from moe_core import bf16_gemm
 from moe_core.checkpoint import Checkpoint
 from moe_core.config import MoeConfig
 from moe_core.errors import CheckpointError
@@ -66,6 +67,11 @@ class LayerExperts:
     gate_up: list[Linear]  # per local expert: [2 * I, H]
     down: list[Linear]  # per local expert: [H, I]
     local_of: torch.Tensor  # [num_experts] int64: local index, or -1 where not held here
+    kernel: bf16_gemm.LayerKernel | None = field(init=False)  # all of them in one native call, where it runs
+
+    def __post_init__(self) -> None:
+        on_cpu = self.local_of.device.type == "cpu"
+        self.kernel = bf16_gemm.layer_kernel(self.gate_up, self.down, self.local_of) if on_cpu else None
 
 
 class _Reader:
