@@ -105,13 +105,13 @@ void group(int p, int nr, const uint16_t* x, long ldx, int M, int K, const uint1
 
 inline __mmask16 first(int cols) { return cols >= kPanel ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1); }
 
-// float32 -> bfloat16 as torch rounds a tensor (c10's round_to_nearest_even): to nearest, ties to even,
-// NaN to a quiet NaN, denormals kept (vcvtneps2bf16, used for the GEMM's own output, flushes them).
+// float32 -> bfloat16 as torch's vectorised conversion rounds a tensor: to nearest, ties to even, NaN to
+// 0xFFFF, denormals kept (vcvtneps2bf16, used for the GEMM's own output, flushes them).
 inline __m256i to_bf16(__m512 v) {
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0xFFFF));
     return _mm512_cvtepi32_epi16(rounded);
 }
 

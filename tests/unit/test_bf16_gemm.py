@@ -95,3 +95,106 @@ def test_auto_leaves_amx_cpus_to_onednn(monkeypatch):
     assert bf16_gemm.wanted()
     monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert not bf16_gemm.wanted()  # forced on, but the CPU cannot run it
+
+
+def _layer(held: list[int], experts: int, hidden: int, inter: int, seed: int, bias: bool = False):
+    from moe_core.weights import LayerExperts
+
+    g = torch.Generator().manual_seed(seed)
+    local_of = torch.full((experts,), -1, dtype=torch.int64)
+    local_of[held] = torch.arange(len(held))
+    gate_up = [Linear((torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16(),
+                      torch.randn(2 * inter, generator=g).bfloat16() if bias else None) for _ in held]
+    down = [Linear((torch.randn(hidden, inter, generator=g) * 0.05).bfloat16()) for _ in held]
+    return LayerExperts(0, held, gate_up, down, local_of)
+
+
+def _torch_ops(layer, x, ids, weights, counts):
+    """`expert_forward` over the same layer with the native call taken away: the torch ops it replaces."""
+    from moe_core.experts import expert_forward
+
+    kernel, layer.kernel = layer.kernel, None
+    try:
+        return expert_forward(layer, x, ids, weights, counts)
+    finally:
+        layer.kernel = kernel
+
+
+@needs_bf16
+@pytest.mark.parametrize(("experts", "k", "held", "hidden", "inter"), [
+    (8, 2, list(range(8)), 512, 1408),  # bench-s, one process
+    (8, 2, [0, 1, 2, 3], 512, 704),  # half of each expert's FFN on a shard
+    (16, 4, [1, 3, 5, 7, 9], 96, 40),  # a row's four pairs summed in expert order
+    (60, 6, list(range(0, 60, 3)), 64, 24),
+    (8, 8, list(range(8)), 64, 48),
+])
+@pytest.mark.parametrize("rows", [1, 3, 8, 33, 300])
+def test_one_call_per_layer_gives_the_torch_ops_bits(forced_on, experts, k, held, hidden, inter, rows):
+    """Grouping, SwiGLU and the weighted sum in one native call: the same bits and per-expert counts as
+    the grouped torch ops, on one thread and two."""
+    from moe_core.experts import expert_forward
+
+    layer = _layer(held, experts, hidden, inter, seed=rows + k)
+    assert layer.kernel is not None
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, hidden, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(rows)])
+    ids = torch.where(torch.isin(ids, torch.tensor(held)), ids, torch.full_like(ids, -1))  # -1: another shard's
+    weights = torch.rand(rows, k, generator=g)
+    want_counts = [0] * experts
+    want = _torch_ops(layer, x, ids, weights, want_counts)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts = [0] * experts
+            got = expert_forward(layer, x, ids, weights, counts)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, hidden)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+            assert counts == want_counts
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_bf16
+def test_one_call_rounds_tiny_and_huge_values_as_torch_does(forced_on):
+    """Denormal sums, SwiGLU products in bfloat16's denormals, overflow and NaN rows come out as the torch
+    ops give them (NaN as torch's vectorised conversion writes it)."""
+    from moe_core.experts import expert_forward
+
+    layer = _layer([0, 1, 2, 3], 4, 64, 32, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 64, generator=g)
+    x[1] *= 1e-19  # the SwiGLU products fall into bfloat16's denormals
+    x[2] *= 1e30  # e^-x overflows
+    x[3] *= -1e30
+    x[4, 5] = float("nan")
+    x = x.bfloat16()
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3], [2, 0]])
+    weights = torch.rand(7, 2, generator=g)
+    weights[5, 0] = 1e-38  # one denormal product in a normal sum
+    weights[6] = 1e-37  # denormal sums
+    want = _torch_ops(layer, x, ids, weights, None)
+    got = expert_forward(layer, x, ids, weights)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    tiny = torch.finfo(torch.bfloat16).tiny
+    assert bool(((want[6] != 0) & (want[6].abs() < tiny)).any()) and bool(want[4].isnan().any())  # cases reached
+
+
+@needs_bf16
+def test_one_call_leaves_unknown_experts_to_the_error_path(forced_on):
+    from moe_core.experts import UnknownExpertError, expert_forward
+
+    layer = _layer([0, 1], 6, 32, 16, seed=3)
+    ids = torch.tensor([[0, 1], [1, 4]])
+    assert layer.kernel(torch.randn(2, 32).bfloat16(), ids, torch.rand(2, 2)) is None
+    with pytest.raises(UnknownExpertError, match=r"experts \[4\] are not held here \(held: \[0, 1\]\)"):
+        expert_forward(layer, torch.randn(2, 32).bfloat16(), ids, torch.rand(2, 2))
+
+
+@needs_bf16
+def test_one_call_only_where_every_weight_is_on_the_kernel(monkeypatch, forced_on):
+    assert _layer([0, 1], 2, 32, 16, seed=4).kernel is not None
+    assert _layer([0, 1], 2, 32, 16, seed=4, bias=True).kernel is None  # a bias: the torch ops add it
+    monkeypatch.setenv("MOE_BF16_GEMM", "0")
+    assert _layer([0, 1], 2, 32, 16, seed=4).kernel is None  # oneDNN's weights
