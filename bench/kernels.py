@@ -5,7 +5,9 @@
 Expert GEMMs: one expert's gate/up and down projections (512 -> 2x1408 -> 512) over 64 experts' weights in
 turn, so the weights come from memory as in a decode step; oneDNN's packed float32 and bfloat16 layouts
 against the panel GEMM with float32 and with bfloat16 weights, and (on CPUs with AVX512-BF16) the bfloat16
-pair-dot GEMM. Decode attention: 32 sequences of 40-600
+pair-dot GEMM. One MoE layer's routed experts (CPUs with AVX512-BF16): the grouped torch ops over the
+pair-dot GEMM against one `bf16_moe` call, for the experts one process, one shard of two, and one FFN half of
+two hold, top-2 of 8, over 8 layers' weights in turn. Decode attention: 32 sequences of 40-600
 cached tokens over 8 layers' caches, float32 and bfloat16; torch's block gather plus SDPA (batched in
 length groups, and one call per sequence) against the paged kernel. Best of interleaved rounds.
 """
@@ -20,7 +22,9 @@ import torch
 from moe_core import bf16_gemm, paged_attention, panel_gemm
 from moe_core.attention import decode_attention, decode_attention_each, decode_groups
 from moe_core.dtypes import cpu_flags
+from moe_core.experts import expert_forward
 from moe_core.linear import Linear
+from moe_core.weights import LayerExperts
 
 EXPERTS, HIDDEN, INTERMEDIATE = 64, 512, 1408
 ROUNDS = 5
@@ -91,6 +95,49 @@ def expert_gemms(rows: list[int]) -> None:
               f"{weight_bytes / t['f32'] / 1e9:.1f} | {weight_bytes / 2 / t['pairs'] / 1e9:.1f} |")
 
 
+def _layer_runs(stack: list[LayerExperts], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                ) -> dict[str, callable]:
+    """Every layer of `stack` over the same rows: with the grouped torch ops, and with one native call each."""
+    def run_torch():
+        kernels = [layer.kernel for layer in stack]
+        try:
+            for layer in stack:
+                layer.kernel = None
+                expert_forward(layer, x, ids, weights)
+        finally:
+            for layer, kernel in zip(stack, kernels, strict=True):
+                layer.kernel = kernel
+
+    def run_kernel():
+        for layer in stack:
+            expert_forward(layer, x, ids, weights)
+
+    return {"torch": run_torch, "kernel": run_kernel}
+
+
+def expert_layers(rows: list[int], layers: int = 8) -> None:
+    """bench-s's routed experts, top-2 of 8, as a process holds them: all 8 (one process), 4 of them (an
+    expert shard of two), the first half of every expert's FFN (`--split ffn`, a shard of two)."""
+    g = torch.Generator().manual_seed(2)
+    holdings = {"8 experts": (list(range(8)), INTERMEDIATE), "4 of 8": ([0, 1, 2, 3], INTERMEDIATE),
+                "8 FFN halves": (list(range(8)), INTERMEDIATE // 2)}
+    print("| held | rows | torch ops ms/layer | one call ms/layer | speed |")
+    print("|---|---|---|---|---|")
+    for name, (held, inter) in holdings.items():
+        local_of = torch.full((8,), -1, dtype=torch.int64)
+        local_of[held] = torch.arange(len(held))
+        stack = [LayerExperts(i, held, [Linear(torch.randn(2 * inter, HIDDEN, generator=g).bfloat16()) for _ in held],
+                              [Linear(torch.randn(HIDDEN, inter, generator=g).bfloat16()) for _ in held], local_of)
+                 for i in range(layers)]
+        for m in rows:
+            x = torch.randn(m, HIDDEN, generator=g).bfloat16()
+            ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(m)])
+            ids = torch.where(torch.isin(ids, torch.tensor(held)), ids, torch.full_like(ids, -1))
+            weights = torch.rand(m, 2, generator=g)
+            t = {k: v / layers * 1e3 for k, v in best_of(_layer_runs(stack, x, ids, weights)).items()}
+            print(f"| {name} | {m} | {t['torch']:.3f} | {t['kernel']:.3f} | {t['torch'] / t['kernel']:.2f} |")
+
+
 def decode_attention_calls(dtype: torch.dtype, layers: int = 8, seqs: int = 32, block: int = 16) -> None:
     """Contexts of 40-600 tokens (the bench workload's spread); torch's batched path (length groups), its
     batch-invariant one (one SDPA call per sequence, what the expert-output cache needs), the paged kernel
@@ -133,6 +180,9 @@ def main() -> None:
         raise SystemExit("the native kernels cannot be built here (see the warning above)")
     print(f"threads {args.threads}\n")
     expert_gemms(args.rows)
+    if cpu_flags() >= bf16_gemm.NEEDS and bf16_gemm.library() is not None:
+        print("\none MoE layer's routed experts in bfloat16, top-2 of 8, 8 layers' weights in turn\n")
+        expert_layers(args.rows)
     print("\ndecode attention, 32 sequences of 40-600 cached tokens, ms per layer\n")
     print("| cache dtype | torch batched (groups) | torch per sequence | paged kernel | batched / kernel | "
           "per sequence / kernel |")

@@ -60,6 +60,7 @@ class StepBatch:
     decode_lengths: list[int] = field(default_factory=list)  # [num_decode] context lengths, the new token included
     decode_groups: list[DecodeGroup] | None = None  # planned at the step's first layer, shared by all
     decode_length_tensor: torch.Tensor | None = None  # decode_lengths as a tensor, made once per step
+    paged_decode: bool | None = None  # whether the paged kernel runs this step's decode rows, asked once
     # each prefill / decode row's result independent of the rest of the step (for the expert-output cache)
     invariant_prefill: bool = False
     invariant_decode: bool = False
@@ -158,7 +159,9 @@ def attention_block(model: DenseModel, index: int, layer: DenseLayer, x: torch.T
     window, scale = cfg.sliding_window(index), cfg.head_dim**-0.5
     out = torch.empty_like(q)
     d = batch.num_decode
-    if d and paged_attention.usable(q, cache_k, cache_v):  # batch-invariant by construction: serves both cases
+    if d and batch.paged_decode is None:  # the same answer for every layer's cache
+        batch.paged_decode = paged_attention.usable(q, cache_k, cache_v)
+    if d and batch.paged_decode:  # batch-invariant by construction: serves both cases
         if batch.decode_length_tensor is None:
             batch.decode_length_tensor = torch.tensor(batch.decode_lengths)
         out[:d] = paged_attention.decode(q[:d], cache_k, cache_v, batch.block_tables, batch.decode_length_tensor,

@@ -269,7 +269,7 @@ class GrpcExperts(ExpertBackend):
         if self.metrics:
             self.metrics.dispatch.observe(seconds)
             for part in parts:
-                self.metrics.shard_tokens.labels(part.shard.shard_id).inc(len(part.rows))
+                self.metrics.shard_child(part.shard.shard_id).inc(len(part.rows))
 
     async def _gather(self, parts: list[Part], requests: list[expert_pb2.ExpertRequest]
                       ) -> list[expert_pb2.ExpertResponse]:
@@ -307,8 +307,9 @@ class GrpcExperts(ExpertBackend):
 
     def _observe(self, shard: Shard, replica: Replica, rows: int, seconds: float) -> None:
         if self.metrics:
-            self.metrics.rpc_duration.labels(shard.shard_id, replica.address).observe(seconds)
-            self.metrics.replica_tokens.labels(shard.shard_id, replica.address).inc(rows)
+            duration, tokens = self.metrics.replica_children(shard.shard_id, replica.address)
+            duration.observe(seconds)
+            tokens.inc(rows)
 
     def _error(self, shard: Shard, replica: Replica, code: grpc.StatusCode) -> None:
         if self.metrics:

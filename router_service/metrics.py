@@ -29,23 +29,36 @@ from router_service.expert_backend import ExpertBackend, WrappedBackend
 class RoutingStats(Collector):
     """Tokens routed per (layer, expert), cumulative and over a sliding window of steps per layer."""
 
+    BATCH = 256  # layer steps kept before they are counted
+
     def __init__(self, cfg: MoeConfig, window: int = 1024, per_expert: bool = True):
         self.layers, self.per_expert, self.window = cfg.moe_layers, per_expert, window
         self.total = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64)
         self.recent = torch.zeros(cfg.num_hidden_layers, window, cfg.num_experts, dtype=torch.int64)
         self.position = [0] * cfg.num_hidden_layers
         self.lock = threading.Lock()
+        self._pending: list[tuple[int, torch.Tensor]] = []
 
     def record(self, layer: int, ids: torch.Tensor) -> None:
-        counts = torch.bincount(ids.reshape(-1).cpu(), minlength=self.total.shape[1])
+        # counted a batch at a time (at most BATCH steps late, and at every snapshot): a bincount and three
+        # tensor updates per layer step cost ≈ 15 µs on the engine thread, ≈ 1 % of a token at concurrency 1
         with self.lock:
+            self._pending.append((layer, ids))
+            if len(self._pending) >= self.BATCH:
+                self._count()
+
+    def _count(self) -> None:
+        for layer, ids in self._pending:
+            counts = torch.bincount(ids.reshape(-1).cpu(), minlength=self.total.shape[1])
             self.total[layer] += counts
             self.recent[layer, self.position[layer] % self.window] = counts
             self.position[layer] += 1
+        self._pending.clear()
 
     def snapshot(self) -> tuple[torch.Tensor, dict[int, float]]:
         """Cumulative counts [layers, experts] and balancedness (mean / max over the window) per MoE layer."""
         with self.lock:
+            self._count()
             total, window = self.total.clone(), self.recent.sum(dim=1)
         balance = {layer: (window[layer].float().mean() / window[layer].max()).item()
                    for layer in self.layers if window[layer].max() > 0}
@@ -122,6 +135,24 @@ class DispatchMetrics:
                                   ["shard", "replica", "code"], registry=registry)
         self.dispatch = Histogram("moe_dispatch_duration_seconds", "One layer step's expert dispatch",
                                   buckets=LATENCY_BUCKETS, registry=registry)
+        # labelled children, looked up once: `labels()` costs microseconds, and a layer step observes a few
+        self._replica: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
+        self._shard: dict[str, Counter] = {}
+
+    def replica_children(self, shard: str, replica: str) -> tuple[Histogram, Counter]:
+        """The replica's call-duration histogram and row counter."""
+        children = self._replica.get((shard, replica))
+        if children is None:
+            children = self._replica[shard, replica] = (self.rpc_duration.labels(shard, replica),
+                                                        self.replica_tokens.labels(shard, replica))
+        return children
+
+    def shard_child(self, shard: str) -> Counter:
+        """The shard's row counter."""
+        child = self._shard.get(shard)
+        if child is None:
+            child = self._shard[shard] = self.shard_tokens.labels(shard)
+        return child
 
 
 class EngineMetrics:
