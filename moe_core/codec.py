@@ -62,7 +62,7 @@ def decode(message: tensor_pb2.Tensor, name: str = "tensor", dtype: torch.dtype 
     numel = 1
     for d in shape:
         numel *= d
-    itemsize = torch.empty(0, dtype=got).element_size()
+    itemsize = got.itemsize
     data = message.data  # each read of a bytes field is a new copy of it
     if len(data) != numel * itemsize:
         raise CodecError(f"{name}: {len(data)} bytes for shape {shape} of {_name(got)} "
