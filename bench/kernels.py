@@ -5,9 +5,10 @@
 Expert GEMMs: one expert's gate/up and down projections (512 -> 2x1408 -> 512) over 64 experts' weights in
 turn, so the weights come from memory as in a decode step; oneDNN's packed float32 and bfloat16 layouts
 against the panel GEMM with float32 and with bfloat16 weights, and (on CPUs with AVX512-BF16) the bfloat16
-pair-dot GEMM. One MoE layer's routed experts (CPUs with AVX512-BF16): the grouped torch ops over the
-pair-dot GEMM against one `bf16_moe` call, for the experts one process, one shard of two, and one FFN half of
-two hold, top-2 of 8, over 8 layers' weights in turn. Decode attention: 32 sequences of 40-600
+pair-dot GEMM; on AMX CPUs, bfloat16 oneDNN against the pair dot and the GEMM on AMX tiles. One MoE
+layer's routed experts (CPUs with AVX512-BF16): the grouped torch ops over oneDNN and over this process's
+bfloat16 GEMM (pair dot or AMX) against one `bf16_moe` call, for the experts one process, one shard of two,
+and one FFN half of two hold, top-2 of 8, over 8 layers' weights in turn. Decode attention: 32 sequences of 40-600
 cached tokens over 8 layers' caches, float32 and bfloat16; torch's block gather plus SDPA (batched in
 length groups, and one call per sequence) against the paged kernel. Best of interleaved rounds.
 """
@@ -95,9 +96,50 @@ def expert_gemms(rows: list[int]) -> None:
               f"{weight_bytes / t['f32'] / 1e9:.1f} | {weight_bytes / 2 / t['pairs'] / 1e9:.1f} |")
 
 
-def _layer_runs(stack: list[LayerExperts], x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-                ) -> dict[str, callable]:
-    """Every layer of `stack` over the same rows: with the grouped torch ops, and with one native call each."""
+def amx_gemms(rows: list[int]) -> None:
+    """The same expert GEMMs as `expert_gemms`, in bfloat16: oneDNN's packed kernels (AMX tiles on such a
+    CPU), the pair-dot GEMM and the GEMM on AMX tiles, over the same packed panels."""
+    g = torch.Generator().manual_seed(0)
+    ups = [torch.randn(2 * INTERMEDIATE, HIDDEN, generator=g).bfloat16() for _ in range(EXPERTS)]
+    downs = [torch.randn(HIDDEN, INTERMEDIATE, generator=g).bfloat16() for _ in range(EXPERTS)]
+    onednn = [(Linear(u, pack=True), Linear(d, pack=True)) for u, d in zip(ups, downs, strict=True)]
+    pairs = [(bf16_gemm.pack(u), bf16_gemm.pack(d)) for u, d in zip(ups, downs, strict=True)]
+    lib = bf16_gemm.library()
+    print("| rows | oneDNN bf16 ms/expert | pair-dot ms/expert | AMX ms/expert | AMX / oneDNN speed | AMX GB/s |")
+    print("|---|---|---|---|---|---|")
+    for m in rows:
+        x, h = torch.randn(m, HIDDEN).bfloat16(), torch.randn(m, INTERMEDIATE).bfloat16()
+
+        def run_onednn(x=x, h=h):
+            for up, down in onednn:
+                up(x)
+                down(h)
+
+        def run_on(amx, x=x, h=h):
+            def run():
+                lib.bf16_gemm_set_amx(int(amx))  # between calls, never during one
+                for up, down in pairs:
+                    bf16_gemm.matmul(x, up, 2 * INTERMEDIATE)
+                    bf16_gemm.matmul(h, down, HIDDEN)
+            return run
+
+        try:
+            t = best_of({"onednn": run_onednn, "pairs": run_on(False), "amx": run_on(True)})
+        finally:
+            lib.bf16_gemm_set_amx(1)
+        per = {k: v / EXPERTS * 1e3 for k, v in t.items()}
+        print(f"| {m} | {per['onednn']:.3f} | {per['pairs']:.3f} | {per['amx']:.3f} | {t['onednn'] / t['amx']:.2f} | "
+              f"{EXPERTS * 3 * HIDDEN * INTERMEDIATE * 2 / t['amx'] / 1e9:.1f} |")
+
+
+def _layer_runs(stack: list[LayerExperts], onednn: list[LayerExperts], x: torch.Tensor, ids: torch.Tensor,
+                weights: torch.Tensor) -> dict[str, callable]:
+    """Every layer of `stack` over the same rows: with the grouped torch ops, and with one native call each;
+    the layers of `onednn` (the same weights, packed for oneDNN) with the torch ops."""
+    def run_onednn():
+        for layer in onednn:
+            expert_forward(layer, x, ids, weights)
+
     def run_torch():
         kernels = [layer.kernel for layer in stack]
         try:
@@ -112,7 +154,7 @@ def _layer_runs(stack: list[LayerExperts], x: torch.Tensor, ids: torch.Tensor, w
         for layer in stack:
             expert_forward(layer, x, ids, weights)
 
-    return {"torch": run_torch, "kernel": run_kernel}
+    return {"onednn": run_onednn, "torch": run_torch, "kernel": run_kernel}
 
 
 def expert_layers(rows: list[int], layers: int = 8) -> None:
@@ -121,21 +163,26 @@ def expert_layers(rows: list[int], layers: int = 8) -> None:
     g = torch.Generator().manual_seed(2)
     holdings = {"8 experts": (list(range(8)), INTERMEDIATE), "4 of 8": ([0, 1, 2, 3], INTERMEDIATE),
                 "8 FFN halves": (list(range(8)), INTERMEDIATE // 2)}
-    print("| held | rows | torch ops ms/layer | one call ms/layer | speed |")
-    print("|---|---|---|---|---|")
+    print("| held | rows | oneDNN torch ops ms/layer | torch ops on the kernel | one call | one call / oneDNN speed "
+          "| one call / torch ops speed |")
+    print("|---|---|---|---|---|---|---|")
     for name, (held, inter) in holdings.items():
         local_of = torch.full((8,), -1, dtype=torch.int64)
         local_of[held] = torch.arange(len(held))
-        stack = [LayerExperts(i, held, [Linear(torch.randn(2 * inter, HIDDEN, generator=g).bfloat16()) for _ in held],
-                              [Linear(torch.randn(HIDDEN, inter, generator=g).bfloat16()) for _ in held], local_of)
-                 for i in range(layers)]
+        weights_of = [([torch.randn(2 * inter, HIDDEN, generator=g).bfloat16() for _ in held],
+                       [torch.randn(HIDDEN, inter, generator=g).bfloat16() for _ in held]) for _ in range(layers)]
+        stack = [LayerExperts(i, held, [Linear(w) for w in ups], [Linear(w) for w in downs], local_of)
+                 for i, (ups, downs) in enumerate(weights_of)]
+        onednn = [LayerExperts(i, held, [Linear(w, pack=True) for w in ups], [Linear(w, pack=True) for w in downs],
+                               local_of) for i, (ups, downs) in enumerate(weights_of)]
         for m in rows:
             x = torch.randn(m, HIDDEN, generator=g).bfloat16()
             ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(m)])
             ids = torch.where(torch.isin(ids, torch.tensor(held)), ids, torch.full_like(ids, -1))
             weights = torch.rand(m, 2, generator=g)
-            t = {k: v / layers * 1e3 for k, v in best_of(_layer_runs(stack, x, ids, weights)).items()}
-            print(f"| {name} | {m} | {t['torch']:.3f} | {t['kernel']:.3f} | {t['torch'] / t['kernel']:.2f} |")
+            t = {k: v / layers * 1e3 for k, v in best_of(_layer_runs(stack, onednn, x, ids, weights)).items()}
+            print(f"| {name} | {m} | {t['onednn']:.3f} | {t['torch']:.3f} | {t['kernel']:.3f} | "
+                  f"{t['onednn'] / t['kernel']:.2f} | {t['torch'] / t['kernel']:.2f} |")
 
 
 def decode_attention_calls(dtype: torch.dtype, layers: int = 8, seqs: int = 32, block: int = 16) -> None:
@@ -180,6 +227,9 @@ def main() -> None:
         raise SystemExit("the native kernels cannot be built here (see the warning above)")
     print(f"threads {args.threads}\n")
     expert_gemms(args.rows)
+    if bf16_gemm.amx():
+        print("\nthe same in bfloat16 on AMX tiles\n")
+        amx_gemms(args.rows)
     if cpu_flags() >= bf16_gemm.NEEDS and bf16_gemm.library() is not None:
         print("\none MoE layer's routed experts in bfloat16, top-2 of 8, 8 layers' weights in turn\n")
         expert_layers(args.rows)

@@ -1,5 +1,6 @@
-"""A bfloat16 GEMM on AVX512-BF16's pair dot product (kernels/bf16_gemm.cpp, built by `moe_core.native`),
-for every matmul of a bfloat16 model on CPUs that have the instruction and no AMX.
+"""A bfloat16 GEMM on AVX512-BF16's pair dot product, or on AMX tiles where the CPU has them
+(kernels/bf16_gemm.cpp, built by `moe_core.native`), for every matmul of a bfloat16 model on CPUs that have
+the instructions.
 
 oneDNN's packed bfloat16 kernels read a decode step's weights at 12-25 GB/s on such a CPU (AMD Zen 4),
 where the memory streams 34; this kernel reads them at 25-40 GB/s from 1 to 8 rows, and matches or beats
@@ -7,8 +8,14 @@ oneDNN up to prefill sizes (bench/RESULTS.md, "A bfloat16 GEMM for AVX512-BF16")
 row count, and a row's result never depends on its neighbours or the thread count, so neither oneDNN's
 bounded kernel set nor its lone-row probe applies.
 
-`MOE_BF16_GEMM` (auto | 1 | 0): on `auto` it runs on CPUs with AVX512-BF16 but without AMX, whose tiles
-oneDNN uses for bfloat16 and which were not measured against it; `1` forces it on any CPU with AVX512-BF16.
+On CPUs with AMX (Intel Sapphire Rapids and later) the same packed panels feed AMX tiles: 1.35-1.6x
+oneDNN's AMX kernels from 1 to 64 rows, where a decode step reads weights at 11-13 GB/s per core against
+oneDNN's 8-9, and level with or ahead of oneDNN at prefill sizes (bench/RESULTS.md, "AMX tiles for the
+bfloat16 GEMM"). A process uses one of the two paths for all its GEMMs: their bits differ.
+
+`MOE_BF16_GEMM` (auto | 1 | 0): on `auto` it runs on CPUs with AVX512-BF16, on AMX CPUs where the OS grants
+the tile state (Linux 5.16+); `1` forces it on any CPU with AVX512-BF16; `0` leaves every matmul to oneDNN.
+`MOE_BF16_AMX=0` keeps an AMX CPU on the pair dot.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from moe_core import native
 from moe_core.dtypes import cpu_flags
 
 SETTING = "MOE_BF16_GEMM"
+AMX_SETTING = "MOE_BF16_AMX"
 PANEL = 16  # output columns per panel: must match kPanel in the source
 NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 
@@ -31,7 +39,7 @@ def wanted() -> bool:
     value = os.environ.get(SETTING, "auto")
     if value == "0" or not cpu_flags() >= NEEDS:
         return False
-    return value == "1" or "amx_bf16" not in cpu_flags()
+    return value == "1" or "amx_bf16" not in cpu_flags() or amx()
 
 
 def enabled_for(weight: torch.Tensor) -> bool:
@@ -48,7 +56,17 @@ def library() -> ctypes.CDLL | None:
         lib.bf16_moe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bf16_gemm_set_amx.restype = ctypes.c_int
+        lib.bf16_gemm_set_amx.argtypes = [ctypes.c_int]
+        # chosen once, before any GEMM: the two paths' bits differ, and the cache wants one per process
+        lib.bf16_gemm_set_amx(int("amx_bf16" in cpu_flags() and os.environ.get(AMX_SETTING, "1") != "0"))
     return lib
+
+
+def amx() -> bool:
+    """Whether this process's bfloat16 GEMMs run on AMX tiles."""
+    lib = library() if "amx_bf16" in cpu_flags() else None
+    return lib is not None and bool(lib.bf16_gemm_set_amx(-1))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

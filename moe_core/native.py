@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 SOURCES = Path(__file__).with_name("kernels")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Called only where the CPU has them (moe_core.bf16_gemm checks).
-EXTRA_FLAGS = {"bf16_gemm": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off")}
+EXTRA_FLAGS = {"bf16_gemm": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
+                              "-mamx-bf16", "-ffp-contract=off")}
 KERNELS = ("panel_gemm", "paged_attention", "bf16_gemm")
 
 

@@ -12,6 +12,13 @@
 // Threads split the panel groups (each streams its own part of W, once, however many rows) on the OpenMP
 // runtime torch loaded (see panel_gemm.cpp).
 //
+// On CPUs with AMX (`bf16_gemm_set_amx`), K a multiple of 32, the same panels feed AMX tiles instead: 16 k
+// pairs of one panel are 16 lines of 64 bytes, exactly one B tile (tdpbf16ps), so nothing is repacked. A
+// block is up to 2 x 16 rows (A tiles) by 2 panels (B tiles) in 4 float32 accumulator tiles. Each output
+// element is again one accumulator's k-ordered chain, so rows stay independent of their neighbours and of
+// the thread count; the bits differ from the pair-dot path's (another instruction), so a process uses one
+// path for all its GEMMs. Rows past M in a block of 16 come from a zero-padded copy of the last rows.
+//
 // `bf16_moe` runs one MoE layer's routed experts (moe_core/experts.py) in one call: the grouping of
 // (row, expert) pairs, each expert's gate/up GEMM, SwiGLU, down GEMM and gate weight, and the weighted
 // sum per row. It computes the same bits as the torch ops it replaces, which cost about 40 us of Python
@@ -23,6 +30,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -164,16 +173,142 @@ void add_weighted(const uint16_t* y, int H, float w, float* acc) {
     }
 }
 
+
+// ---- AMX ----
+
+bool g_amx = false;  // set by bf16_gemm_set_amx once the kernel granted this process the tile state
+
+constexpr int kTileRows = 16;  // rows of every tile: A rows, B k pairs, C rows
+constexpr int kStepK = 32;     // k per A tile (64 bytes of bfloat16)
+
+struct TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// Tile state is per thread, and torch's oneDNN kernels load their own on the same threads: every thread
+// loads ours before a run of blocks and releases it after.
+inline void amx_begin() {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = kTileRows;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// C tiles 0-3 (row tile i, panel j at 2i + j), A tiles 4-5, B tiles 6-7. x: MR x 16 rows of K, all readable;
+// w: the first of NR panels; c: the float32 results, MR x 16 rows of NR x 16.
+template <int MR, int NR>
+inline __attribute__((always_inline)) void amx_block(const uint16_t* x, long ldx, int steps, const uint16_t* w,
+                                                     long panel_stride, float* c) {
+    _tile_zero(0);
+    if (NR > 1) _tile_zero(1);
+    if (MR > 1) _tile_zero(2);
+    if (MR > 1 && NR > 1) _tile_zero(3);
+    const long xstride = ldx * (long)sizeof(uint16_t);
+    for (int s = 0; s < steps; s++) {
+        const uint16_t* ws = w + (long)s * kTileRows * 2 * kPanel;
+        _tile_loadd(6, ws, 64);
+        if (NR > 1) _tile_loadd(7, ws + panel_stride, 64);
+        _tile_loadd(4, x + (long)s * kStepK, xstride);
+        _tile_dpbf16ps(0, 4, 6);
+        if (NR > 1) _tile_dpbf16ps(1, 4, 7);
+        if (MR > 1) {
+            _tile_loadd(5, x + kTileRows * ldx + (long)s * kStepK, xstride);
+            _tile_dpbf16ps(2, 5, 6);
+            if (NR > 1) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    const long ldc = NR * kPanel * (long)sizeof(float);
+    _tile_stored(0, c, ldc);
+    if (NR > 1) _tile_stored(1, c + kPanel, ldc);
+    if (MR > 1) _tile_stored(2, c + kTileRows * NR * kPanel, ldc);
+    if (MR > 1 && NR > 1) _tile_stored(3, c + kTileRows * NR * kPanel + kPanel, ldc);
+}
+
+// Rows [m0, m0 + mr) of panels [p, p + nr): x points at row m0 (or at its padded copy).
+void amx_rows(int mr, int nr, int p, const uint16_t* x, long ldx, int K, const uint16_t* wp, const float* bias,
+              int N, uint16_t* y, long ldy, float* c) {
+    const long panel_stride = (long)K * kPanel;
+    const uint16_t* w = wp + p * panel_stride;
+    const int tiles = mr > kTileRows ? 2 : 1;
+    const int steps = K / kStepK;
+    if (tiles == 2)
+        nr == 2 ? amx_block<2, 2>(x, ldx, steps, w, panel_stride, c) : amx_block<2, 1>(x, ldx, steps, w, panel_stride, c);
+    else
+        nr == 2 ? amx_block<1, 2>(x, ldx, steps, w, panel_stride, c) : amx_block<1, 1>(x, ldx, steps, w, panel_stride, c);
+    for (int j = 0; j < nr; j++) {
+        const int col = (p + j) * kPanel;
+        const int cols = N - col < kPanel ? N - col : kPanel;
+        const __mmask16 mask = cols == kPanel ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+        const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + col);
+        for (int i = 0; i < mr; i++) {
+            const __m512 acc = _mm512_loadu_ps(c + (long)i * nr * kPanel + j * kPanel);
+            const __m512 v = bias == nullptr ? acc : _mm512_add_ps(acc, b);
+            _mm256_mask_storeu_epi16(y + i * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
+void amx_gemm(const uint16_t* x, long ldx, int M, int K, const uint16_t* wp, const float* bias, int N, uint16_t* y,
+              long ldy) {
+    constexpr int kBlock = 2 * kTileRows;
+    const int full = M / kTileRows * kTileRows;  // rows read in place
+    const int tail = M - full;
+    uint16_t* pad = nullptr;
+    if (tail) {  // the last rows, zero-padded to a whole tile
+        pad = new uint16_t[(long)kTileRows * K]();
+        for (int i = 0; i < tail; i++) memcpy(pad + (long)i * K, x + (long)(full + i) * ldx, K * sizeof(uint16_t));
+    }
+    const int panels = (N + kPanel - 1) / kPanel;
+    const int pairs = (panels + 1) / 2;
+    const bool parallel = (long)M * N * K >= kSerialWork && omp_get_max_threads() > 1;
+#pragma omp parallel if (parallel)
+    {
+        alignas(64) float c[kBlock * 2 * kPanel];
+        amx_begin();
+#pragma omp for schedule(static)
+        for (int g = 0; g < pairs; g++) {
+            const int p = 2 * g;
+            const int nr = panels - p < 2 ? 1 : 2;
+            for (int m0 = 0; m0 < full; m0 += kBlock) {
+                const int mr = full - m0 < kBlock ? full - m0 : kBlock;
+                amx_rows(mr, nr, p, x + (long)m0 * ldx, ldx, K, wp, bias, N, y + (long)m0 * ldy, ldy, c);
+            }
+            if (tail) amx_rows(tail, nr, p, pad, K, K, wp, bias, N, y + (long)full * ldy, ldy, c);
+        }
+        _tile_release();
+    }
+    delete[] pad;
+}
+
 }  // namespace
 
 extern "C" {
 
 int bf16_gemm_panel_width() { return kPanel; }
 
+// Whether this process's GEMMs run on AMX tiles: on = 1 asks the kernel for the tile state (Linux's
+// arch_prctl; refused on CPUs without AMX and on kernels before 5.16), on = 0 goes back to the pair dot,
+// on = -1 changes nothing. Returns whether AMX is now in use. Change it before any GEMM runs, not while one
+// does.
+int bf16_gemm_set_amx(int on) {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (on >= 0) g_amx = on && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    return g_amx;
+}
+
 // x: M rows of K bfloat16 (K even), row stride ldx; wp: the packed panels; bias: N float32 or null;
 // y: M rows of N bfloat16, row stride ldy.
 void bf16_gemm(const uint16_t* x, long ldx, int M, int K, const uint16_t* wp, const float* bias, int N, uint16_t* y,
                long ldy) {
+    if (g_amx && K % kStepK == 0) return amx_gemm(x, ldx, M, K, wp, bias, N, y, ldy);
     const int panels = (N + kPanel - 1) / kPanel;
     const int groups = (panels + kPanels - 1) / kPanels;
     const bool parallel = (long)M * N * K >= kSerialWork && omp_get_max_threads() > 1;

@@ -1,7 +1,11 @@
-"""The AVX512-BF16 pair-dot GEMM: F.linear's values to bfloat16's precision, a row's bits independent of its
-call and of the threads, and the layers that use it."""
+"""The bfloat16 GEMM, on AVX512-BF16's pair dot and on AMX tiles: F.linear's values to bfloat16's precision, a
+row's bits independent of its call and of the threads, and the layers that use it."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,12 +15,25 @@ from moe_core.dtypes import cpu_flags
 from moe_core.linear import Linear
 
 needs_bf16 = pytest.mark.skipif(not cpu_flags() >= bf16_gemm.NEEDS, reason="the kernel needs AVX512-BF16")
+needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the AMX path needs AMX-BF16")
 
 
 @pytest.fixture
 def forced_on(monkeypatch):
     monkeypatch.setenv("MOE_BF16_GEMM", "1")
     assert bf16_gemm.library() is not None
+
+
+@pytest.fixture(params=["pair-dot", pytest.param("amx", marks=needs_amx)])
+def path(request):
+    """Each GEMM path this CPU has, switched for the test and switched back after."""
+    lib = bf16_gemm.library()
+    if lib is None:
+        pytest.skip("the kernel cannot be built here")
+    before = lib.bf16_gemm_set_amx(-1)
+    assert lib.bf16_gemm_set_amx(int(request.param == "amx")) == (request.param == "amx")
+    yield request.param
+    lib.bf16_gemm_set_amx(before)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,8 +44,8 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 @needs_bf16
 @pytest.mark.parametrize(("n", "k"), [(2816, 512), (512, 1408), (8, 512), (33, 70), (1, 2), (48, 64)])
-@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 17, 64, 301])
-def test_matches_the_float32_product_rounded_once(n, k, rows):
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 16, 17, 32, 33, 64, 301])
+def test_matches_the_float32_product_rounded_once(path, n, k, rows):
     torch.manual_seed(n + k + rows)
     weight, bias, x = torch.randn(n, k).bfloat16(), torch.randn(n), torch.randn(rows, k).bfloat16()
     pairs = bf16_gemm.pack(weight)
@@ -44,9 +61,10 @@ def test_matches_the_float32_product_rounded_once(n, k, rows):
 
 
 @needs_bf16
-def test_strided_rows_are_read_in_place():
+@pytest.mark.parametrize("rows", [9, 40])
+def test_strided_rows_are_read_in_place(path, rows):
     torch.manual_seed(3)
-    weight, wide = torch.randn(40, 64).bfloat16(), torch.randn(9, 100).bfloat16()
+    weight, wide = torch.randn(40, 64).bfloat16(), torch.randn(rows, 100).bfloat16()
     x = wide[:, 10:74]  # row stride 100, not 64
     assert not x.is_contiguous()
     pairs = bf16_gemm.pack(weight)
@@ -54,7 +72,7 @@ def test_strided_rows_are_read_in_place():
 
 
 @needs_bf16
-def test_a_row_gets_the_same_bits_whatever_shares_its_call_and_whatever_the_threads():
+def test_a_row_gets_the_same_bits_whatever_shares_its_call_and_whatever_the_threads(path):
     torch.manual_seed(4)
     weight = torch.randn(1408, 512).bfloat16()
     pairs, x = bf16_gemm.pack(weight), torch.randn(97, 512).bfloat16()
@@ -63,7 +81,7 @@ def test_a_row_gets_the_same_bits_whatever_shares_its_call_and_whatever_the_thre
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for rows, start in [(2, 7), (8, 0), (9, 3), (13, 40), (97, 0)]:
+            for rows, start in [(2, 7), (8, 0), (9, 3), (13, 40), (16, 1), (32, 17), (33, 5), (97, 0)]:
                 assert torch.equal(bf16_gemm.matmul(x[start:start + rows], pairs, 1408), alone[start:start + rows])
     finally:
         torch.set_num_threads(before)
@@ -85,16 +103,32 @@ def test_linear_uses_it_for_bfloat16_weights_when_on(monkeypatch, forced_on):
     assert Linear(weight, bias).pairs is None
 
 
-def test_auto_leaves_amx_cpus_to_onednn(monkeypatch):
+def test_auto_leaves_amx_cpus_to_onednn_only_without_the_tile_state(monkeypatch):
     monkeypatch.delenv("MOE_BF16_GEMM", raising=False)
     monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: bf16_gemm.NEEDS)
     assert bf16_gemm.wanted()
     monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: bf16_gemm.NEEDS | {"amx_bf16"})
+    monkeypatch.setattr(bf16_gemm, "amx", lambda: True)
+    assert bf16_gemm.wanted()
+    monkeypatch.setattr(bf16_gemm, "amx", lambda: False)  # the OS refused the tiles, or MOE_BF16_AMX=0
     assert not bf16_gemm.wanted()
     monkeypatch.setenv("MOE_BF16_GEMM", "1")
     assert bf16_gemm.wanted()
     monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert not bf16_gemm.wanted()  # forced on, but the CPU cannot run it
+
+
+@needs_amx
+@pytest.mark.parametrize(("setting", "amx"), [(None, True), ("0", False)])
+def test_an_amx_cpu_runs_the_tiles_unless_told_not_to(setting, amx):
+    """Chosen once per process, at load: a fresh interpreter for each setting."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MOE_BF16_AMX", "MOE_BF16_GEMM")}
+    if setting is not None:
+        env["MOE_BF16_AMX"] = setting
+    script = ("import torch; from moe_core import bf16_gemm; from moe_core.linear import Linear; "
+              "print(bf16_gemm.amx(), bf16_gemm.wanted(), Linear(torch.randn(64, 64).bfloat16()).pairs is not None)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == [str(amx)] * 3  # without the tiles an AMX CPU's matmuls stay with oneDNN
 
 
 def _layer(held: list[int], experts: int, hidden: int, inter: int, seed: int, bias: bool = False):
@@ -129,7 +163,7 @@ def _torch_ops(layer, x, ids, weights, counts):
     (8, 8, list(range(8)), 64, 48),
 ])
 @pytest.mark.parametrize("rows", [1, 3, 8, 33, 300])
-def test_one_call_per_layer_gives_the_torch_ops_bits(forced_on, experts, k, held, hidden, inter, rows):
+def test_one_call_per_layer_gives_the_torch_ops_bits(forced_on, path, experts, k, held, hidden, inter, rows):
     """Grouping, SwiGLU and the weighted sum in one native call: the same bits and per-expert counts as
     the grouped torch ops, on one thread and two."""
     from moe_core.experts import expert_forward
@@ -157,7 +191,7 @@ def test_one_call_per_layer_gives_the_torch_ops_bits(forced_on, experts, k, held
 
 
 @needs_bf16
-def test_one_call_rounds_tiny_and_huge_values_as_torch_does(forced_on):
+def test_one_call_rounds_tiny_and_huge_values_as_torch_does(forced_on, path):
     """Denormal sums, SwiGLU products in bfloat16's denormals, overflow and NaN rows come out as the torch
     ops give them (NaN as torch's vectorised conversion writes it)."""
     from moe_core.experts import expert_forward
