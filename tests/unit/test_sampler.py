@@ -43,3 +43,16 @@ def test_a_seeded_row_draws_the_same_alone_and_in_a_batch():
     batch[2] = seq(params, seed=7)
     together, _ = Sampler(seed=3)(logits, batch)
     assert alone == [together[2]] * 2
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima_and_nan_as_argmax_does():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    logits[1, [7, 30]] = 99.0  # a tie: the first
+    logits[2, [4, 9]] = float("nan")  # NaN wins, the first one
+    logits[3, [2, 3]] = float("inf")
+    logits[4] = 0.0
+    greedy = SamplingParams(temperature=0.0)
+    tokens, _ = Sampler(seed=0)(logits, [seq(greedy) for _ in range(6)])
+    assert tokens == logits.argmax(-1).tolist() and tokens[1:5] == [7, 4, 2, 0]
+    mixed, _ = Sampler(seed=0)(logits, [seq(greedy), seq(SamplingParams(temperature=1.0))] * 3)
+    assert mixed[0::2] == logits[0::2].argmax(-1).tolist()
