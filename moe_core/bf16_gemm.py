@@ -56,6 +56,9 @@ def library() -> ctypes.CDLL | None:
         lib.bf16_moe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bf16_rms_norm.restype = None
+        lib.bf16_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_float, ctypes.c_void_p]
         lib.bf16_gemm_set_amx.restype = ctypes.c_int
         lib.bf16_gemm_set_amx.argtypes = [ctypes.c_int]
         # chosen once, before any GEMM: the two paths' bits differ, and the cache wants one per process
@@ -78,6 +81,28 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(panels * PANEL, k, dtype=torch.bfloat16)
     padded[:n] = weight
     return padded.view(panels, PANEL, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+@functools.cache
+def norm_wanted() -> bool:
+    """Whether bfloat16 RMSNorms run in one native pass (`rms_norm`): where this GEMM runs (read once)."""
+    return wanted() and library() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`moe_core.model.rms_norm` of bfloat16 rows [..., H] (last dim contiguous) with a bfloat16 weight [H],
+    in one pass: the same roundings, the sum of squares in another order (bench/RESULTS.md, "One pass for
+    RMSNorm")."""
+    h = x.shape[-1]
+    rows = x.reshape(-1, h) if x.dim() != 2 else x
+    if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < h):
+        rows = rows.contiguous()
+    weight = weight.contiguous()
+    y = torch.empty(rows.shape[0], h, dtype=torch.bfloat16, device=x.device)
+    if rows.shape[0]:
+        library().bf16_rms_norm(rows.data_ptr(), rows.stride(0), rows.shape[0], h, weight.data_ptr(), eps,
+                                y.data_ptr())
+    return y.view(x.shape)
 
 
 def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ into ROW_CHUNKS pieces plus a remainder below EXACT_ROWS. Rows are independent i
 changes no result; it costs one extra call per piece (bench/RESULTS.md, "Bounded kernel set").
 `MOE_SPLIT_ROWS=0` turns the split off (for side-by-side measurements).
 
-On CPUs with AVX512-BF16 and no AMX, bfloat16 weights go to the pair-dot GEMM (`moe_core.bf16_gemm`:
-faster than oneDNN from 1 row to prefill sizes there, one kernel for all row counts, a row's result
-independent of its neighbours). On CPUs with AVX2 but no AVX-512, float32 and bfloat16 weights go to
+On CPUs with AVX512-BF16, bfloat16 weights go to `moe_core.bf16_gemm` (the pair dot without AMX, AMX
+tiles with it: faster than oneDNN from 1 row to prefill sizes on either, one kernel for all row counts, a
+row's result independent of its neighbours). On CPUs with AVX2 but no AVX-512, float32 and bfloat16 weights go to
 the panel GEMM instead
 (`moe_core.panel_gemm`: faster than oneDNN there at every row count measured, one kernel for all row
 counts, and a row's result never depends on its neighbours), so neither the bounded kernel set nor the

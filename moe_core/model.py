@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_core import bf16_gemm
 from moe_core.config import MoeConfig
 from moe_core.linear import Linear
 from moe_core.rope import Rotary, apply_rotary
@@ -41,7 +42,11 @@ class DenseModel:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32, cast back, then scale: the order Hugging Face models use."""
+    """Normalise in float32, cast back, then scale: the order Hugging Face models use. bfloat16 rows on CPUs
+    with the bf16 GEMM take one native pass (`bf16_gemm.rms_norm`)."""
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and bf16_gemm.norm_wanted()):
+        return bf16_gemm.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

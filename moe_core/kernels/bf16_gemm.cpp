@@ -19,6 +19,9 @@
 // the thread count; the bits differ from the pair-dot path's (another instruction), so a process uses one
 // path for all its GEMMs. Rows past M in a block of 16 come from a zero-padded copy of the last rows.
 //
+// `bf16_rms_norm` is the models' RMSNorm over bfloat16 rows in one pass, with no float32 temporaries: torch's
+// ops write four of them, each a fresh allocation that a large prefill step pays page faults for.
+//
 // `bf16_moe` runs one MoE layer's routed experts (moe_core/experts.py) in one call: the grouping of
 // (row, expert) pairs, each expert's gate/up GEMM, SwiGLU, down GEMM and gate weight, and the weighted
 // sum per row. It computes the same bits as the torch ops it replaces, which cost about 40 us of Python
@@ -26,6 +29,7 @@
 // don't.
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -382,6 +386,31 @@ int bf16_moe(const uint16_t* x, long ldx, int T, int H, int I, int k, const int6
     delete[] act;
     delete[] y;
     return 0;
+}
+
+// y[r, :H] = w * bf16(x[r, :H] / sqrt(mean(x[r]^2) + eps)), as Hugging Face's RMSNorm rounds: the sum of
+// squares in float32 (16 lanes, then the lanes' sum: not torch's order, so the last bit of a row's scale
+// can differ from torch's), the normalised row rounded to bfloat16, times the weight rounded again. x: rows
+// of H bfloat16 with row stride ldx; w: H bfloat16; y: rows x H, contiguous. A row never depends on another.
+void bf16_rms_norm(const uint16_t* x, long ldx, int rows, int H, const uint16_t* w, float eps, uint16_t* y) {
+#pragma omp parallel for schedule(static) if ((long)rows * H >= (1L << 16) && omp_get_max_threads() > 1)
+    for (int r = 0; r < rows; r++) {
+        const uint16_t* xr = x + (long)r * ldx;
+        uint16_t* yr = y + (long)r * H;
+        __m512 squares = _mm512_setzero_ps();
+        for (int c = 0; c < H; c += kPanel) {
+            const __m512 v = widen(_mm256_maskz_loadu_epi16(first(H - c), xr + c));
+            squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+        }
+        const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)H + eps);
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int c = 0; c < H; c += kPanel) {
+            const __mmask16 mask = first(H - c);
+            const __m512 normed = widen(to_bf16(_mm512_mul_ps(widen(_mm256_maskz_loadu_epi16(mask, xr + c)), s)));
+            const __m512 weight = widen(_mm256_maskz_loadu_epi16(mask, w + c));
+            _mm256_mask_storeu_epi16(yr + c, mask, to_bf16(_mm512_mul_ps(weight, normed)));
+        }
+    }
 }
 
 }  // extern "C"

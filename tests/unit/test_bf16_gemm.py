@@ -232,3 +232,66 @@ def test_one_call_only_where_every_weight_is_on_the_kernel(monkeypatch, forced_o
     assert _layer([0, 1], 2, 32, 16, seed=4, bias=True).kernel is None  # a bias: the torch ops add it
     monkeypatch.setenv("MOE_BF16_GEMM", "0")
     assert _layer([0, 1], 2, 32, 16, seed=4).kernel is None  # oneDNN's weights
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@needs_bf16
+@pytest.mark.parametrize("h", [512, 64, 40, 7])
+@pytest.mark.parametrize("rows", [0, 1, 5, 300])
+def test_rms_norm_in_one_pass_rounds_as_the_torch_ops(h, rows):
+    """The same roundings as Hugging Face's RMSNorm; only the sum of squares runs in another order, which
+    can move a row's scale by a float32 ulp and so a value by at most one bfloat16 step, rarely."""
+    g = torch.Generator().manual_seed(h + rows)
+    x, weight = (torch.randn(rows, h, generator=g) * 3).bfloat16(), torch.randn(h, generator=g).bfloat16()
+    got, want = bf16_gemm.rms_norm(x, weight, 1e-6), _torch_rms_norm(x, weight, 1e-6)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, h)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
+    if rows:
+        assert (got == want).float().mean() > 0.99
+
+
+@needs_bf16
+def test_rms_norm_reads_strided_and_per_head_rows_and_each_row_alone():
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(37, 96 + 2 * 32, generator=g).bfloat16()
+    q = qkv[:, :96]  # OLMoE's norm over the whole query projection: rows 160 apart
+    weight = torch.randn(96, generator=g).bfloat16()
+    assert torch.equal(bf16_gemm.rms_norm(q, weight, 1e-5), bf16_gemm.rms_norm(q.contiguous(), weight, 1e-5))
+    heads = q.reshape(37, 6, 16)  # Qwen3-MoE's norm per head
+    per_head = bf16_gemm.rms_norm(heads, weight[:16], 1e-5)
+    assert per_head.shape == (37, 6, 16)
+    assert torch.equal(per_head[:, 2], bf16_gemm.rms_norm(heads[:, 2].contiguous(), weight[:16], 1e-5))
+    alone = torch.cat([bf16_gemm.rms_norm(q[i:i + 1], weight, 1e-5) for i in range(37)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(bf16_gemm.rms_norm(q, weight, 1e-5), alone)
+    finally:
+        torch.set_num_threads(before)
+    nan = q.clone()
+    nan[3, 5] = float("nan")
+    out = bf16_gemm.rms_norm(nan, weight, 1e-5)
+    assert out[3].isnan().all() and torch.equal(out[4], alone[4])  # a NaN spoils its own row only
+
+
+@needs_bf16
+def test_the_model_norm_takes_the_one_pass_for_bfloat16_only(monkeypatch):
+    from moe_core import model
+
+    calls = []
+    monkeypatch.setattr(bf16_gemm, "norm_wanted", lambda: True)
+    monkeypatch.setattr(bf16_gemm, "rms_norm", lambda x, w, eps: calls.append(x.dtype) or _torch_rms_norm(x, w, eps))
+    x, weight = torch.randn(3, 16), torch.randn(16)
+    model.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-5)
+    model.rms_norm(x, weight, 1e-5)
+    model.rms_norm(x.bfloat16(), weight, 1e-5)  # a float32 weight: torch's ops
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(bf16_gemm, "norm_wanted", lambda: False)
+    model.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-5)
+    assert calls == [torch.bfloat16]
