@@ -91,8 +91,8 @@ def norm_wanted() -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`moe_core.model.rms_norm` of bfloat16 rows [..., H] (last dim contiguous) with a bfloat16 weight [H],
-    in one pass: the same roundings, the sum of squares in another order (bench/RESULTS.md, "One pass for
-    RMSNorm")."""
+    in one pass: the same roundings, the sum of squares in another order (bench/RESULTS.md, "AMX tiles for
+    the bfloat16 GEMM")."""
     h = x.shape[-1]
     rows = x.reshape(-1, h) if x.dim() != 2 else x
     if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < h):

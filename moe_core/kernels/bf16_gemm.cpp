@@ -177,7 +177,6 @@ void add_weighted(const uint16_t* y, int H, float w, float* acc) {
     }
 }
 
-
 // ---- AMX ----
 
 bool g_amx = false;  // set by bf16_gemm_set_amx once the kernel granted this process the tile state
