@@ -4,9 +4,9 @@ Input is one layer's token rows with their (expert id, weight) pairs; output is 
 the weighted sum of the outputs of the experts this process holds. An id of -1 marks an empty
 pair slot (a row routed to fewer of this shard's experts than the widest row).
 
-Where every weight runs on the AVX512-BF16 pair-dot GEMM (`LayerExperts.kernel`), the whole layer is one
-native call that computes the same bits as the torch ops below (`bf16_gemm.LayerKernel`); they serve
-every other case and name the experts a row asks for that are not held here.
+Where every weight runs on the bfloat16 GEMM (`LayerExperts.kernel`; pair dot or AMX tiles), the whole
+layer is one native call that computes the same bits as the torch ops below (`bf16_gemm.LayerKernel`);
+they serve every other case and name the experts a row asks for that are not held here.
 
 Rows are grouped by expert so each expert runs one matmul over all its rows. For a decode step's
 handful of pairs the grouping is done in Python (a few dozen ints), which costs far less than the

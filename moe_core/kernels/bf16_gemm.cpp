@@ -248,8 +248,7 @@ void amx_rows(int mr, int nr, int p, const uint16_t* x, long ldx, int K, const u
         nr == 2 ? amx_block<1, 2>(x, ldx, steps, w, panel_stride, c) : amx_block<1, 1>(x, ldx, steps, w, panel_stride, c);
     for (int j = 0; j < nr; j++) {
         const int col = (p + j) * kPanel;
-        const int cols = N - col < kPanel ? N - col : kPanel;
-        const __mmask16 mask = cols == kPanel ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+        const __mmask16 mask = first(N - col);
         const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + col);
         for (int i = 0; i < mr; i++) {
             const __m512 acc = _mm512_loadu_ps(c + (long)i * nr * kPanel + j * kPanel);
