@@ -8,10 +8,10 @@ oneDNN up to prefill sizes (bench/RESULTS.md, "A bfloat16 GEMM for AVX512-BF16")
 row count, and a row's result never depends on its neighbours or the thread count, so neither oneDNN's
 bounded kernel set nor its lone-row probe applies.
 
-On CPUs with AMX (Intel Sapphire Rapids and later) the same packed panels feed AMX tiles: 1.35-1.6x
-oneDNN's AMX kernels from 1 to 64 rows, where a decode step reads weights at 11-13 GB/s per core against
-oneDNN's 8-9, and level with or ahead of oneDNN at prefill sizes (bench/RESULTS.md, "AMX tiles for the
-bfloat16 GEMM"). A process uses one of the two paths for all its GEMMs: their bits differ.
+On CPUs with AMX (Intel Sapphire Rapids and later) the same packed panels feed AMX tiles: 1.3-1.6x
+oneDNN's AMX kernels from 1 to 64 rows, where a decode step reads weights at 10-12 GB/s per core against
+oneDNN's 8-9, and 0.9-1.4x at 256-1,024 rows (bench/RESULTS.md, "AMX tiles for the bfloat16 GEMM"). A
+process uses one of the two paths for all its GEMMs: their bits differ.
 
 `MOE_BF16_GEMM` (auto | 1 | 0): on `auto` it runs on CPUs with AVX512-BF16, on AMX CPUs where the OS grants
 the tile state (Linux 5.16+); `1` forces it on any CPU with AVX512-BF16; `0` leaves every matmul to oneDNN.
