@@ -13,6 +13,7 @@ import torch
 from moe_core import bf16_gemm
 from moe_core.dtypes import cpu_flags
 from moe_core.linear import Linear
+from moe_core.model import torch_rms_norm
 
 needs_bf16 = pytest.mark.skipif(not cpu_flags() >= bf16_gemm.NEEDS, reason="the kernel needs AVX512-BF16")
 needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the AMX path needs AMX-BF16")
@@ -234,12 +235,6 @@ def test_one_call_only_where_every_weight_is_on_the_kernel(monkeypatch, forced_o
     assert _layer([0, 1], 2, 32, 16, seed=4).kernel is None  # oneDNN's weights
 
 
-def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 @needs_bf16
 @pytest.mark.parametrize("h", [512, 64, 40, 7])
 @pytest.mark.parametrize("rows", [0, 1, 5, 300])
@@ -248,7 +243,7 @@ def test_rms_norm_in_one_pass_rounds_as_the_torch_ops(h, rows):
     can move a row's scale by a float32 ulp and so a value by at most one bfloat16 step, rarely."""
     g = torch.Generator().manual_seed(h + rows)
     x, weight = (torch.randn(rows, h, generator=g) * 3).bfloat16(), torch.randn(h, generator=g).bfloat16()
-    got, want = bf16_gemm.rms_norm(x, weight, 1e-6), _torch_rms_norm(x, weight, 1e-6)
+    got, want = bf16_gemm.rms_norm(x, weight, 1e-6), torch_rms_norm(x, weight, 1e-6)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, h)
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
     if rows:
@@ -286,7 +281,7 @@ def test_the_model_norm_takes_the_one_pass_for_bfloat16_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(bf16_gemm, "norm_wanted", lambda: True)
-    monkeypatch.setattr(bf16_gemm, "rms_norm", lambda x, w, eps: calls.append(x.dtype) or _torch_rms_norm(x, w, eps))
+    monkeypatch.setattr(bf16_gemm, "rms_norm", lambda x, w, eps: calls.append(x.dtype) or torch_rms_norm(x, w, eps))
     x, weight = torch.randn(3, 16), torch.randn(16)
     model.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-5)
     model.rms_norm(x, weight, 1e-5)
