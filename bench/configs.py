@@ -87,25 +87,42 @@ class Running:
     def cache_counts(self) -> dict[str, float]:
         """Expert-cache lookups, prefix-cache tokens and repeat-draft tokens so far, summed over the routers,
         as {"local:hit": n, "redis:error": n, ..., "prefix:query": n, "prefix:hit": n, "draft:accepted": n, ...}."""
+        counts: dict[str, float] = {}
+        for family, sample in self._router_samples():
+            if not sample.name.endswith("_total"):
+                continue
+            if family == "moe_expert_cache_requests":
+                key = f"{sample.labels['tier']}:{sample.labels['result']}"
+            elif family in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
+                key = f"prefix:{family.split('_')[-2]}"
+            elif family == "moe_draft_tokens":
+                key = f"draft:{sample.labels['result']}"
+            else:
+                continue
+            counts[key] = counts.get(key, 0.0) + sample.value
+        return counts
+
+    def step_counts(self) -> dict[str, float]:
+        """Engine steps so far, summed over the routers, by phase: {"decode:steps": n, "decode:seconds": s,
+        "decode:expert_seconds": s, "prefill:steps": n, ...} (the router's `moe_step_duration_seconds` and
+        `moe_step_expert_seconds_total`)."""
+        counts: dict[str, float] = {}
+        names = {"moe_step_duration_seconds_count": "steps", "moe_step_duration_seconds_sum": "seconds",
+                 "moe_step_expert_seconds_total": "expert_seconds"}
+        for _, sample in self._router_samples():
+            if sample.name in names:
+                key = f"{sample.labels['phase']}:{names[sample.name]}"
+                counts[key] = counts.get(key, 0.0) + sample.value
+        return counts
+
+    def _router_samples(self):
+        """(metric family name, sample) of every router's /metrics."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        counts: dict[str, float] = {}
         for router in self.routers:
-            text = httpx.get(router["metrics_url"], timeout=10).text
-            for family in text_string_to_metric_families(text):
+            for family in text_string_to_metric_families(httpx.get(router["metrics_url"], timeout=10).text):
                 for sample in family.samples:
-                    if not sample.name.endswith("_total"):
-                        continue
-                    if family.name == "moe_expert_cache_requests":
-                        key = f"{sample.labels['tier']}:{sample.labels['result']}"
-                    elif family.name in ("moe_prefix_cache_query_tokens", "moe_prefix_cache_hit_tokens"):
-                        key = f"prefix:{family.name.split('_')[-2]}"
-                    elif family.name == "moe_draft_tokens":
-                        key = f"draft:{sample.labels['result']}"
-                    else:
-                        continue
-                    counts[key] = counts.get(key, 0.0) + sample.value
-        return counts
+                    yield family.name, sample
 
     def peak_rss_mib(self) -> dict[str, float]:
         """Peak resident memory (VmHWM) of every service, by name."""

@@ -7,8 +7,9 @@ latency percentiles, dispatch time and the expert- and prefix-cache hit rates wh
 services' CPU time per output token (with the share of the cores the hypervisor stole meanwhile); then
 peak RSS per service; then CPU per token by service and the share of the machine's core-seconds the
 services used (OpenMP's bounded spin counts as used: a share below 1 is cores idle, or given to
-others); for open-loop levels, how late the requests went out against their arrival times and how
-many were in flight; then any requested ratios of output tokens/s (B over A, same level, same run).
+others); then the engine's steps by phase (decode, prefill) and their time in the routed experts; for
+open-loop levels, how late the requests went out against their arrival times and how many were in
+flight; then any requested ratios of output tokens/s (B over A, same level, same run).
 
 A configuration that ran more than once (`moe-serve bench --rounds N`, or a name listed twice) has rounds
 1, 2, ... in the order they ran; the report then adds each configuration's median and range over its
@@ -73,6 +74,27 @@ def cpu_table(report: dict) -> list[str]:
                 cpu = ", ".join(f"{name} {ms}" for name, ms in sorted(run["cpu_ms_per_token_by_service"].items()))
                 busy = _cell(run.get("busy_fraction"))
                 lines.append(f"| {config['config']} | {Level.of_run(run).label} | {cpu} | {busy} |")
+    return lines if len(lines) > 2 else []
+
+
+def steps_table(report: dict) -> list[str]:
+    """Each run's engine steps by phase: count, mean wall time, and the part of it in the routed experts (the
+    rest is the router's own work). Set side by side, two configurations show in which phase one loses."""
+    lines = ["| config | load | decode steps | decode ms/step (in experts) | prefill steps "
+             "| prefill ms/step (in experts) | share of step time in prefill steps |", "|---|---|---|---|---|---|---|"]
+    for config in report["configs"]:
+        for run in config["runs"]:
+            steps = run.get("steps")
+            if not steps:
+                continue
+            cells = []
+            for phase in ("decode", "prefill"):
+                s = steps[phase]
+                cells += [str(s["steps"]), "–" if s["ms_per_step"] is None
+                          else f"{s['ms_per_step']} ({s['expert_ms_per_step']})"]
+            total = steps["decode"]["seconds"] + steps["prefill"]["seconds"]
+            share = f"{steps['prefill']['seconds'] / total:.2f}" if total else "–"
+            lines.append(f"| {config['config']} | {Level.of_run(run).label} | {' | '.join(cells)} | {share} |")
     return lines if len(lines) > 2 else []
 
 
@@ -169,7 +191,7 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
             f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
-    tables = [runs_table(report), rss_table(report), cpu_table(report), repeat_table(report),
+    tables = [runs_table(report), rss_table(report), cpu_table(report), steps_table(report), repeat_table(report),
               open_loop_table(report), spread_table(report)]
     return "\n".join([head, "", *(line for table in tables if table for line in [*table, ""]),
                       *ratio_lines(report, pairs)]) + "\n"

@@ -194,6 +194,21 @@ def cache_summary(before: dict[str, float], after: dict[str, float]) -> dict:
             "draft_tokens_kept": int(kept), "draft_tokens_wrong": int(wrong)}
 
 
+def step_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """A level's engine steps by phase: how many, their mean wall time and the part of it in the routed experts
+    (computed in the router, or dispatched and awaited). The rest is the router's own work: attention, norms,
+    gates, LM head, sampling, scheduling."""
+    out = {}
+    for phase in ("decode", "prefill"):
+        steps = after.get(f"{phase}:steps", 0.0) - before.get(f"{phase}:steps", 0.0)
+        seconds = after.get(f"{phase}:seconds", 0.0) - before.get(f"{phase}:seconds", 0.0)
+        expert = after.get(f"{phase}:expert_seconds", 0.0) - before.get(f"{phase}:expert_seconds", 0.0)
+        out[phase] = {"steps": int(steps), "seconds": round(seconds, 3),
+                      "ms_per_step": round(1e3 * seconds / steps, 2) if steps else None,
+                      "expert_ms_per_step": round(1e3 * expert / steps, 2) if steps else None}
+    return out
+
+
 def bench_config(name: str, model: Path, args, workloads: dict[Level, list]) -> dict:
     if name in EXTERNAL:
         return bench_external(name, model, args, workloads)
@@ -207,7 +222,7 @@ def bench_config(name: str, model: Path, args, workloads: dict[Level, list]) -> 
     try:
         model_name = model.resolve().name
         asyncio.run(run_load(running.url, model_name, warm_up(args, model), 1, choices=args.choices))
-        before, cache_before = running.dispatch(), running.cache_counts()
+        before, cache_before, steps_before = running.dispatch(), running.cache_counts(), running.step_counts()
         runs = []
         for level, requests in workloads.items():
             cpu, steal = running.cpu_seconds(), steal_seconds()
@@ -223,6 +238,9 @@ def bench_config(name: str, model: Path, args, workloads: dict[Level, list]) -> 
                 summary["dispatch_ms_per_layer"] = round(1e3 * seconds / calls, 3)
                 summary["dispatch_overhead_ms_per_layer"] = round(1e3 * (seconds - compute) / calls, 3)
             before = after
+            steps_after = running.step_counts()
+            summary["steps"] = step_summary(steps_before, steps_after)
+            steps_before = steps_after
             cache_after = running.cache_counts()
             if cache_after:
                 summary["cache"] = cache_summary(cache_before, cache_after)

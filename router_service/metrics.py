@@ -168,6 +168,14 @@ class EngineMetrics:
         self.tpot = hist("moe_time_per_output_token_seconds", "Time per output token after the first")
         self.e2e = hist("moe_e2e_request_latency_seconds", "Arrival to finish")
         self.step_tokens = hist("moe_step_tokens", "Tokens per engine step", BATCH_BUCKETS)
+        steps = Histogram("moe_step_duration_seconds", "One engine step, scheduling to outputs, by phase (prefill: "
+                          "the step carries prompt tokens; decode: only decoding rows)", ["phase"],
+                          buckets=LATENCY_BUCKETS, registry=registry)
+        expert = Counter("moe_step_expert_seconds", "Of those steps' time, the part spent in the routed experts: "
+                         "computed in this process, or dispatched to the shards and awaited", ["phase"],
+                         registry=registry)
+        self.step_seconds = {phase: steps.labels(phase) for phase in ("prefill", "decode")}
+        self.step_expert_seconds = {phase: expert.labels(phase) for phase in ("prefill", "decode")}
         self.prompt_tokens = Counter("moe_prompt_tokens", "Prompt tokens of requests that started generating",
                                      registry=registry)
         self.generation_tokens = Counter("moe_generation_tokens", "Generated tokens", registry=registry)
@@ -186,6 +194,9 @@ class EngineMetrics:
 
     def on_step(self, engine, scheduled: ScheduledStep, outputs: list[RequestOutput]) -> None:
         self.step_tokens.observe(scheduled.num_tokens)
+        phase = "prefill" if scheduled.prefills else "decode"
+        self.step_seconds[phase].observe(engine.last_step_seconds)
+        self.step_expert_seconds[phase].inc(engine.last_step_expert_seconds)
         self.generation_tokens.inc(sum(len(out.token_ids) for out in outputs))
         for out in outputs:
             if out.completion_tokens == len(out.token_ids):  # prefill just completed (not again after a preemption)

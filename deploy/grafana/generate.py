@@ -204,6 +204,16 @@ def serving() -> dict[str, Any]:
                                "for 10 minutes."),
         timeseries("Time per output token", quantiles("moe_time_per_output_token_seconds"), w=8, unit="s"),
         timeseries("End-to-end latency", quantiles("moe_e2e_request_latency_seconds"), w=8, unit="s"),
+        row("Engine steps"),
+        timeseries("Engine step time by phase p50 / p99",
+                   quantiles("moe_step_duration_seconds", ("phase",), "{{phase}}", qs=P50_P99), w=12, unit="s",
+                   description="One engine step, scheduling to outputs. prefill: the step carries prompt tokens "
+                               "(with the decoding rows beside them); decode: decoding rows only."),
+        timeseries("Share of step time in the routed experts",
+                   [target(f"sum by (phase) (rate(moe_step_expert_seconds_total{RATE})) / sum by (phase) "
+                           f"(rate(moe_step_duration_seconds_sum{RATE}))", "{{phase}}")], w=12, unit="percentunit",
+                   description="Computed in the router (one process) or dispatched to the shards and awaited; the "
+                               "rest is the router's attention, gates, LM head, sampling and scheduling."),
         row("Outcomes"),
         timeseries("Finished sequences by reason /s",
                    [target(f"sum by (reason) (rate(moe_request_finished_total{RATE}))", "{{reason}}")], w=8),

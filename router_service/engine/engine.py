@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_core.errors import CapacityError, MoeServeError, RequestError, UnavailableError
-from moe_core.forward import forward_overlapped, forward_step, layer_program
+from moe_core.forward import ExpertCall, ExpertHandle, forward_overlapped, forward_step, layer_program
 from moe_core.model import DenseModel
 from moe_core.tokenizer import IncrementalDetokenizer, Tokenizer
 from router_service.engine.batch import build_batch, split_step
@@ -83,6 +83,10 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids if tokenizer else ())
         self.requests: dict[str, Sequence] = {}
         self.last_step_tokens = 0
+        # where the last step's time went (EngineObserver.on_step reads them): its wall time, scheduling to
+        # outputs, and the part spent in routed-expert calls (computed here, or sent to shards and awaited)
+        self.last_step_seconds = 0.0
+        self.last_step_expert_seconds = 0.0
         self._ids = itertools.count()
         self._step_ids = itertools.count()
 
@@ -149,13 +153,15 @@ class Engine:
         If the forward pass fails (an expert shard unreachable, say), every request in the step
         ends with finish_reason "error" and its resources are freed; the engine stays usable.
         """
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         self.last_step_tokens = scheduled.num_tokens
         if scheduled.empty:
             return []
+        experts = _ExpertClock(self.experts)
         try:
             with torch.inference_mode():
-                logits, to_sample = self._forward(scheduled)
+                logits, to_sample = self._forward(scheduled, experts)
                 generators = {seq: seq.generator.get_state() for seq in scheduled.drafts
                               if seq.generator is not None and not seq.params.greedy}  # greedy rows draw nothing
                 tokens, logprobs = self.sampler(logits, to_sample)
@@ -179,10 +185,11 @@ class Engine:
         for seq in itertools.chain(scheduled.decodes, (s for s, _ in scheduled.prefills)):
             self.scheduler.record_computed(seq)
         outputs = [self._emit(seq, rows) for seq, rows in sampled.items()]
+        self.last_step_seconds, self.last_step_expert_seconds = time.perf_counter() - started, experts.seconds
         self.observer.on_step(self, scheduled, outputs)
         return outputs
 
-    def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, list[Sequence]]:
+    def _forward(self, scheduled: ScheduledStep, experts: _ExpertClock) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits of the sequences to sample, in order; two overlapped micro-batches when that hides dispatch."""
         bs, device = self.kv.block_size, self.model.device
         parts = split_step(scheduled) if self.config.overlap and self.experts.overlaps else [scheduled]
@@ -193,9 +200,9 @@ class Engine:
             batch.invariant_decode = "decode" in self.experts.invariant_phases
         if len(batches) == 1:
             batch, to_sample = batches[0]
-            return forward_step(self.model, self.kv.layers, bs, batch, self.experts), to_sample
+            return forward_step(self.model, self.kv.layers, bs, batch, experts), to_sample
         programs = [layer_program(self.model, self.kv.layers, bs, batch) for batch, _ in batches]
-        logits = torch.cat(forward_overlapped(programs, self.experts.submit))
+        logits = torch.cat(forward_overlapped(programs, experts.submit))
         return logits, [seq for _, to_sample in batches for seq in to_sample]
 
     def _emit(self, seq: Sequence, rows: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
@@ -260,6 +267,44 @@ class Engine:
     def status_of(self, request_id: str) -> Status | None:
         seq = self.requests.get(request_id)
         return seq.status if seq else None
+
+
+class _ExpertClock:
+    """The expert backend as one step sees it, adding up the time the engine's thread spends in its calls:
+    the experts' compute in this process, or a dispatch to the shards and the wait for their answer."""
+
+    __slots__ = ("experts", "seconds")
+
+    def __init__(self, experts: ExpertBackend):
+        self.experts, self.seconds = experts, 0.0
+
+    def __call__(self, call: ExpertCall) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self.experts(call)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def submit(self, call: ExpertCall) -> _TimedHandle:
+        started = time.perf_counter()
+        try:
+            return _TimedHandle(self.experts.submit(call), self)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+class _TimedHandle:
+    __slots__ = ("clock", "handle")
+
+    def __init__(self, handle: ExpertHandle, clock: _ExpertClock):
+        self.handle, self.clock = handle, clock
+
+    def result(self) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self.handle.result()
+        finally:
+            self.clock.seconds += time.perf_counter() - started
 
 
 def _replay(generator: torch.Generator, state: torch.Tensor, draws: int) -> None:

@@ -43,6 +43,10 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
             assert set(by_service) == set(config["peak_rss_mib"]) and by_service["gateway"] > 0
             assert abs(sum(by_service.values()) - run["cpu_ms_per_token"]) < 0.01 * len(by_service)
             assert 0 < run["busy_fraction"] <= 1.05  # CPU time of the services over the machine's core-seconds
+            steps = run["steps"]  # every level admits new prompts (prefill steps) and decodes them
+            for phase in ("decode", "prefill"):
+                counted = steps[phase]
+                assert counted["steps"] > 0 and 0 < counted["expert_ms_per_step"] < counted["ms_per_step"], phase
             prefix = run["cache"]
             assert prefix["prefix_query_tokens"] > 0 and 0 <= prefix["prefix_hit_rate"] <= 1
     # repeated prompts reuse their KV blocks (the prefix cache is on by default)
@@ -56,8 +60,9 @@ def test_bench_writes_complete_results(demo_model, tmp_path):
 
     table = render(report, ["local-drafts:cluster-2"])
     rows = [line for line in table.splitlines() if line.startswith(("| local-drafts |", "| cluster-2 |"))]
-    # runs, CPU by service and TTFT of repeats per (config, level); RSS and the open-loop level per config
-    assert len(rows) == 2 * 3 + 2 + 2 * 3 + 2 * 3 + 2
+    # runs, CPU by service, steps by phase and TTFT of repeats per (config, level); RSS and the open-loop
+    # level per config
+    assert len(rows) == 2 * 3 + 2 + 2 * 3 + 2 * 3 + 2 * 3 + 2
     assert "- cluster-2 / local-drafts output tok/s: c=1: " in table and "c=3: " in table and "20 req/s: " in table
     cpu_rows = [line for line in table.splitlines() if line.startswith("| cluster-2 | 3 | expert 0.0 ")]
     assert len(cpu_rows) == 1 and "router 0 " in cpu_rows[0]  # CPU per token by service

@@ -120,6 +120,10 @@ def test_metrics_count_exactly_what_the_requests_did(up, demo_model):
     for histogram in ("moe_time_to_first_token_seconds", "moe_time_per_output_token_seconds",
                       "moe_e2e_request_latency_seconds"):
         assert delta(f"{histogram}_count") == N, histogram
+    # every engine step is timed under its phase, and its time in the (remote) experts is part of it
+    assert delta("moe_step_duration_seconds_count") == delta("moe_step_tokens_count") > 0
+    assert delta("moe_step_duration_seconds_count", phase="prefill") > 0
+    assert 0 < delta("moe_step_expert_seconds_total") < delta("moe_step_duration_seconds_sum")
     assert delta("moe_http_requests_total", "gateway", route="/v1/completions", status="200") == N
     assert delta("moe_http_request_duration_seconds_count", "gateway", route="/v1/completions") == N
     assert value(r1, "moe_requests_running") == value(r1, "moe_requests_waiting") == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from moe_core.loader import load_dense_model, load_expert_shard
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
 from router_service.expert_backend import LocalExperts
+from router_service.metrics import EngineMetrics, new_registry
 from tests.engine_helpers import DeferredExperts, drain, tokens
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -174,3 +177,48 @@ def test_overlapped_micro_batches_compute_the_same(parts):
     assert [tokens(r) for r in results] == [solo(parts, p) for p in requests]
     # Every step with two or more sequences went out as two micro-batches: two calls per MoE layer.
     assert deferred.submitted > 1.8 * len(steps) * len(model.cfg.moe_layers)
+
+
+class ClockedExperts(LocalExperts):
+    """Local experts that add up the time their own calls take."""
+
+    def __init__(self, inner: LocalExperts):
+        super().__init__(inner.experts)
+        self.seconds = 0.0
+
+    def forward(self, layer, x, weights, ids):
+        started = time.perf_counter()
+        try:
+            return super().forward(layer, x, weights, ids)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def test_step_metrics_time_each_phase_and_the_experts_share_of_it(parts):
+    model, experts = parts
+    clocked, registry = ClockedExperts(experts), new_registry()
+    engine = Engine(model, clocked, None, EngineConfig(kv_cache_bytes=4 << 20, block_size=4),
+                    observer=EngineMetrics(registry))
+    prompt = prompts(1, seed=3, low=20, high=21)[0]
+    drain(engine, {0: [(prompt, GREEDY)]})
+    get = registry.get_sample_value
+    # the prompt's one prefill step samples the first token; every other token is a decode step
+    assert get("moe_step_duration_seconds_count", {"phase": "prefill"}) == 1
+    assert get("moe_step_duration_seconds_count", {"phase": "decode"}) == GREEDY.max_tokens - 1
+    experts_seen = 0.0
+    for phase in ("prefill", "decode"):
+        step_seconds = get("moe_step_duration_seconds_sum", {"phase": phase})
+        expert_seconds = get("moe_step_expert_seconds_total", {"phase": phase})
+        assert 0 < expert_seconds < step_seconds, phase  # the attention, gates and LM head take the rest
+        experts_seen += expert_seconds
+    assert clocked.seconds <= experts_seen  # every call the experts made is inside the time counted for them
+
+
+def test_overlapped_steps_count_the_wait_for_their_experts(parts):
+    model, experts = parts
+    engine = Engine(model, DeferredExperts(experts), None,
+                    EngineConfig(kv_cache_bytes=4 << 20, block_size=4, overlap=True))
+    for prompt in prompts(4, seed=9):
+        engine.add_request(prompt, GREEDY)
+    engine.step()  # four prompts' prefill, as two micro-batches whose experts compute when awaited
+    assert 0 < engine.last_step_expert_seconds < engine.last_step_seconds
