@@ -37,7 +37,10 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Called only where the CPU has them (moe_core.bf16_gemm checks).
 EXTRA_FLAGS = {"bf16_gemm": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
                               "-mamx-bf16", "-ffp-contract=off")}
-KERNELS = ("panel_gemm", "paged_attention", "bf16_gemm")
+# Plain C++ for any x86-64 or other CPU, no OpenMP: the expert cache's local tier (router_service/cache.py).
+PORTABLE_FLAGS = {"row_cache": ("-O3", "-shared", "-fPIC", "-std=c++17")}
+HEADERS = {"row_cache": ("xxhash.h",)}  # vendored beside the sources (xxHash, BSD 2-clause: xxhash-LICENSE)
+KERNELS = ("panel_gemm", "paged_attention", "bf16_gemm", "row_cache")
 
 
 def wanted(setting: str, beside_avx512: bool = False) -> bool:
@@ -56,8 +59,9 @@ def kernel_dir() -> Path:
 def build(name: str) -> Path:
     """The library of kernels/`name`.cpp with these flags: found in `kernel_dir()`, or compiled there now."""
     source = SOURCES / f"{name}.cpp"
-    flags = FLAGS + EXTRA_FLAGS.get(name, ())
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    flags = PORTABLE_FLAGS.get(name) or FLAGS + EXTRA_FLAGS.get(name, ())
+    text = source.read_bytes() + b"".join((SOURCES / header).read_bytes() for header in HEADERS.get(name, ()))
+    key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     target = kernel_dir() / f"{name}-{key}.so"
     if target.exists():
         return target

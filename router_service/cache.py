@@ -1,9 +1,10 @@
 """The expert-output cache: an in-process LRU bounded in bytes, in front of Redis (DESIGN §5).
 
 A key names one token row at one layer: the model revision, the layer, and a 128-bit xxh3 hash of
-the row's exact bytes together with its chosen experts and gate weights. The value is that row's
-combined expert output, as bytes in the serving dtype, exactly as the experts returned it. In Redis a
-token's rows of every MoE layer share one value, under its first layer's key (cache_bundles.py).
+the row's exact bytes together with its chosen experts and gate weights (router_service/row_keys.py).
+The value is that row's combined expert output, as bytes in the serving dtype, exactly as the experts
+returned it. In Redis a token's rows of every MoE layer share one value, under its first layer's key
+(cache_bundles.py).
 
 Redis is optional and fail-open: a lookup that errors or times out, or a value not in our format,
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
@@ -22,16 +23,17 @@ import queue
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
+import torch
+
+from router_service.row_keys import SlotIndex, StepKeys, lookup_step
 
 log = logging.getLogger(__name__)
 
-ENTRY_OVERHEAD = 120  # bytes per entry beyond its row: the key string and its dict entry
+ENTRY_OVERHEAD = 120  # bytes per entry beyond its row: its index entry (≈ 44 native, ≈ 120 in Python)
 MAX_WRITE_KEYS = 4096  # values per write command, when queued steps are merged into one
 MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in as if written, its contents unchanged
@@ -52,12 +54,6 @@ class CacheConfig:
         return self.mode != "off"
 
 
-def row_keys(head: str, records: memoryview, width: int) -> list[str]:
-    """One key per record of `width` bytes (a row's input bytes, expert ids and gate weights side by side)."""
-    digest = xxhash.xxh3_128_hexdigest
-    return [head + digest(records[i:i + width]) for i in range(0, len(records), width)]
-
-
 def populate(a: np.ndarray) -> bool:
     """Fault the pages under `a` in now, so that writing them later costs no page fault; False where the
     kernel cannot (before Linux 5.14, or not Linux): the pages then fault in as they are first written."""
@@ -72,20 +68,20 @@ def populate(a: np.ndarray) -> bool:
 
 
 class LocalCache:
-    """LRU of key -> one row's bytes, bounded by the bytes it holds (rows plus a per-entry overhead).
+    """LRU of (layer, digest) -> one row's bytes, bounded by the bytes it holds (rows plus a per-entry overhead).
 
     Every row of one cache has the same width (a layer's output row in the serving dtype), so the rows
     live in one slab of fixed slots, made by `reserve` (the router, at start) or else at the first store;
     an evicted entry's slot takes the next row. A layer step's rows go in with one copy and come out with
-    one gather, with no Python object per row: storing a 2,048-row step costs 0.6 µs a row against 1.6 µs
-    with a bytes object per row (bench/RESULTS.md, "Where the expert cache's cost goes without repeats")."""
+    one gather, and the index from keys to slots (router_service/row_keys.py) takes one native call per
+    step: no Python work per row (bench/RESULTS.md, "The expert cache's local tier in one call per step")."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, use_native: bool = True):
         self.max_bytes = max_bytes
         self.width = 0  # bytes per row, fixed by the first store
+        self._use_native = use_native
         self._slab: np.ndarray | None = None  # [slots, width] uint8
-        self._entries: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
-        self._unused = 0  # slots from here on have never held a row; below it, a new row takes an evicted slot
+        self._index: SlotIndex | None = None  # made with the slab
         self._lock = threading.Lock()
 
     @property
@@ -94,17 +90,23 @@ class LocalCache:
         return 0 if self._slab is None else len(self._slab)
 
     @property
+    def native(self) -> bool:
+        return self._index is not None and self._index.native
+
+    @property
     def bytes(self) -> int:
-        return len(self._entries) * (self.width + ENTRY_OVERHEAD)
+        return len(self) * (self.width + ENTRY_OVERHEAD)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        index = self._index
+        return 0 if index is None else len(index)
 
     def reserve(self, width: int) -> bool:
         """Make the slab for rows of `width` bytes now and fault its memory in (see `populate`): the cache
         then holds its whole budget from the start, and storing a row never waits for a page fault (on this
-        project's VMs ≈ 10 µs per 4 KiB page, 2.6 µs per 1 KiB row; bench/RESULTS.md, same section).
-        Without it the slab is made at the first store and its pages fault in as rows arrive."""
+        project's VMs ≈ 10 µs per 4 KiB page, 2.6 µs per 1 KiB row; bench/RESULTS.md, "Where the expert
+        cache's cost goes without repeats"). Without it the slab is made at the first store and its pages
+        fault in as rows arrive."""
         with self._lock:
             if self._slab is None:
                 self._make_slab(width)
@@ -115,49 +117,47 @@ class LocalCache:
     def _make_slab(self, width: int) -> None:
         self.width = width
         self._slab = np.empty((self.max_bytes // (width + ENTRY_OVERHEAD), width), dtype=np.uint8)
+        self._index = SlotIndex(len(self._slab), self._use_native)
 
-    def get_rows(self, keys: list[str]) -> tuple[list[int], np.ndarray]:
-        """The positions in `keys` that are held, and a copy of their rows [found, width] in that order.
-
-        Hits become the most recently used."""
+    def get_rows(self, layer: int, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The positions in `digests` ([n, 16]) held at `layer`, ascending, and a copy of their rows
+        [found, width] in that order. Hits become the most recently used."""
         with self._lock:
-            entries = self._entries
-            slots = [entries.get(key) for key in keys]
-            found = [i for i, slot in enumerate(slots) if slot is not None]
-            if not found:
-                return [], np.empty((0, self.width), dtype=np.uint8)
-            for i in found:
-                entries.move_to_end(keys[i])
-            return found, self._slab[[slots[i] for i in found]]  # a gather: a copy later stores cannot touch
+            if self._index is None or not len(digests):
+                return np.empty(0, dtype=np.int64), np.empty((0, self.width), dtype=np.uint8)
+            slots = self._index.get(layer, digests)
+            found = np.flatnonzero(slots >= 0)
+            return found, self._slab[slots[found]]  # a gather: a copy later stores cannot touch
 
-    def put_rows(self, keys: list[str], rows: np.ndarray) -> None:
-        """Store row i of `rows` ([n, width] uint8) under keys[i]; the oldest entries make room."""
-        if not keys:
+    def lookup_step(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, start: int,
+                    stop: int) -> tuple[StepKeys, np.ndarray]:
+        """The keys of a layer step's rows start..stop-1 (row_keys.lookup_step), and a copy of the rows held
+        [keys.held, width], in position order. Hits become the most recently used."""
+        with self._lock:
+            keys = lookup_step(self._index, layer, x, ids, weights, start, stop)
+            if not keys.held:
+                return keys, np.empty((0, self.width), dtype=np.uint8)
+            return keys, self._slab[keys.slots[keys.slots >= 0]]
+
+    def put_rows(self, layer: int, digests: np.ndarray, rows: np.ndarray) -> None:
+        """Store row i of `rows` ([n, width] uint8) under (layer, digests[i]); the oldest entries make room."""
+        if not len(digests):
             return
-        if rows.ndim != 2 or len(rows) != len(keys) or rows.dtype != np.uint8:
-            raise ValueError(f"{len(keys)} keys need a [{len(keys)}, width] uint8 array, got {rows.dtype} {rows.shape}")
+        if rows.ndim != 2 or len(rows) != len(digests) or rows.dtype != np.uint8:
+            raise ValueError(f"{len(digests)} keys need a [{len(digests)}, width] uint8 array, got {rows.dtype} "
+                             f"{rows.shape}")
         with self._lock:
             if self._slab is None:
                 self._make_slab(rows.shape[1])
             elif rows.shape[1] != self.width:
                 raise ValueError(f"rows of {rows.shape[1]} bytes in a cache of {self.width}-byte rows")
             capacity = len(self._slab)
-            if len(keys) > capacity:  # more than the whole cache: the last ones stay
-                keys, rows = keys[len(keys) - capacity:], rows[len(keys) - capacity:]
-            entries, targets = self._entries, []
-            for key in keys:
-                slot = entries.get(key)
-                if slot is not None:
-                    entries.move_to_end(key)
-                else:
-                    if self._unused < capacity:
-                        slot, self._unused = self._unused, self._unused + 1
-                    else:
-                        slot = entries.popitem(last=False)[1]
-                    entries[key] = slot
-                targets.append(slot)
-            # no slot twice: a call's rows never evict each other (at most `capacity` of them, distinct keys)
-            self._slab[targets] = rows
+            if capacity == 0:
+                return
+            if len(digests) > capacity:  # more than the whole cache: the last ones stay
+                digests, rows = digests[len(digests) - capacity:], rows[len(rows) - capacity:]
+            # no slot twice but for a key given twice (the same row): a call's rows never evict each other
+            self._slab[self._index.put(layer, digests)] = rows
 
 
 # Writes go as plain pipelined SETs with expiry between these two, in one packed write: the server

@@ -38,11 +38,10 @@ class BundleFormat:
         values[:, :self._digests_at] = np.frombuffer(self.head, dtype=np.uint8)
         return values
 
-    def fill(self, values: np.ndarray, position: int, keys: list[str], rows: np.ndarray) -> None:
-        """Layer number `position` (of self.layers) of each value: the digest of keys[i] and rows[i]."""
+    def fill(self, values: np.ndarray, position: int, digests: np.ndarray, rows: np.ndarray) -> None:
+        """Layer number `position` (of self.layers) of each value: its key's hex digest [n, 32] and its row."""
         at = self._digests_at + DIGEST * position
-        digests = "".join(key[-DIGEST:] for key in keys).encode("ascii")
-        values[:, at:at + DIGEST] = np.frombuffer(digests, dtype=np.uint8).reshape(len(keys), DIGEST)
+        values[:, at:at + DIGEST] = digests
         at = self._rows_at + self.row_bytes * position
         values[:, at:at + self.row_bytes] = rows
 
@@ -51,11 +50,10 @@ class BundleFormat:
         return (len(value) == self.size and value.startswith(self.head)
                 and value[self._digests_at:self._digests_at + DIGEST] == key[-DIGEST:].encode("ascii"))
 
-    def digests(self, values: np.ndarray, position: int) -> list[str]:
-        """The key digest of layer number `position` of each value."""
+    def digests(self, values: np.ndarray, position: int) -> np.ndarray:
+        """[values, 32] ASCII: the hex key digest of layer number `position` of each value, a view."""
         at = self._digests_at + DIGEST * position
-        text = values[:, at:at + DIGEST].tobytes().decode("latin-1")  # a corrupt digest only makes a key never asked
-        return [text[i:i + DIGEST] for i in range(0, len(text), DIGEST)]
+        return values[:, at:at + DIGEST]
 
     def rows(self, values: np.ndarray, position: int) -> np.ndarray:
         """[values, row_bytes]: the rows of layer number `position`, a view."""
@@ -66,14 +64,14 @@ class BundleFormat:
 class StepBundles:
     """The values being gathered for one step: its rows that no tier held at the first MoE layer."""
 
-    def __init__(self, step_id: int, form: BundleFormat, rows: list[int], keys: list[str]):
+    def __init__(self, step_id: int, form: BundleFormat, rows: np.ndarray, keys: list[str]):
         self.step_id, self.form = step_id, form
         self.rows, self.keys = rows, keys  # step rows, and their first-layer keys (the Redis keys)
         self.values = form.empty(len(rows))
         self.filled: set[int] = set()
 
-    def fill(self, position: int, keys: list[str], rows: np.ndarray) -> None:
-        self.form.fill(self.values, position, keys, rows)
+    def fill(self, position: int, digests: np.ndarray, rows: np.ndarray) -> None:
+        self.form.fill(self.values, position, digests, rows)
         self.filled.add(position)
 
     @property

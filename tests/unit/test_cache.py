@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
-from moe_core.forward import ExpertCall
 from moe_core.loader import load_dense_model, load_expert_shard
-from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, populate, row_keys, set_commands
+from router_service import row_keys
+from router_service.cache import ENTRY_OVERHEAD, CacheConfig, LocalCache, populate, set_commands
 from router_service.cached_experts import CachedExperts
 from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.params import SamplingParams
@@ -26,38 +27,69 @@ def _rows(n: int, width: int = 100, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, width), dtype=np.uint8)
 
 
-def test_local_cache_respects_its_byte_bound_and_evicts_oldest():
-    cache = LocalCache(max_bytes=10 * (100 + ENTRY_OVERHEAD))
+def _d(*names: str) -> np.ndarray:
+    """[n, 16] digests standing for the named keys."""
+    return np.stack([np.frombuffer(xxhash.xxh3_128_digest(name.encode()), dtype=np.uint8) for name in names])
+
+
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def use_native(request):
+    if request.param and row_keys.library() is None:
+        pytest.skip("no C++ compiler here: the native index cannot be built")
+    return request.param
+
+
+def test_local_cache_respects_its_byte_bound_and_evicts_oldest(use_native):
+    cache = LocalCache(max_bytes=10 * (100 + ENTRY_OVERHEAD), use_native=use_native)
     rows = _rows(500)
     for i in range(500):
-        cache.put_rows([f"k{i}"], rows[i:i + 1])
+        cache.put_rows(7, _d(f"k{i}"), rows[i:i + 1])
         assert cache.bytes <= cache.max_bytes and len(cache) == min(i + 1, 10)
-    found, got = cache.get_rows(["k0", "k499", "k490", "k489"])
-    assert found == [1, 2] and (got == rows[[499, 490]]).all()  # the exact bytes, in the order asked
-    cache.put_rows([f"big{i}" for i in range(25)], _rows(25, seed=1))  # more than the whole budget: the last 10 stay
-    assert len(cache) == 10 and cache.get_rows(["big14", "big15"])[0] == [1]
+    assert cache.native == use_native
+    found, got = cache.get_rows(7, _d("k0", "k499", "k490", "k489"))
+    assert found.tolist() == [1, 2] and (got == rows[[499, 490]]).all()  # the exact bytes, in the order asked
+    assert not len(cache.get_rows(8, _d("k499"))[0])  # the same digest at another layer is another key
+    big = [f"big{i}" for i in range(25)]
+    cache.put_rows(7, _d(*big), _rows(25, seed=1))  # more than the whole budget: the last 10 stay
+    assert len(cache) == 10 and cache.get_rows(7, _d("big14", "big15"))[0].tolist() == [1]
 
 
-def test_local_cache_keeps_what_was_used_last_and_reuses_evicted_slots():
-    cache = LocalCache(max_bytes=3 * (8 + ENTRY_OVERHEAD))
+def test_local_cache_keeps_what_was_used_last_and_reuses_evicted_slots(use_native):
+    cache = LocalCache(max_bytes=3 * (8 + ENTRY_OVERHEAD), use_native=use_native)
     rows = _rows(6, width=8)
-    cache.put_rows(["a", "b", "c"], rows[:3])
-    assert cache.get_rows(["a"])[0] == [0]  # a hit is the most recently used now: b is the oldest
-    cache.put_rows(["d", "a"], rows[3:5])  # a stored again: same key, new bytes, no eviction for it
-    found, before = cache.get_rows(["a", "b", "c", "d"])  # b was evicted by d; now a is the oldest
-    assert found == [0, 2, 3] and (before == rows[[4, 2, 3]]).all()
-    cache.put_rows(["e"], rows[5:6])  # evicts a, and e's row goes into a's slot
-    found, got = cache.get_rows(["c", "e", "a", "d"])
-    assert found == [0, 1, 3] and (got == rows[[2, 5, 3]]).all()
+    cache.put_rows(0, _d("a", "b", "c"), rows[:3])
+    assert cache.get_rows(0, _d("a"))[0].tolist() == [0]  # a hit is the most recently used now: b is the oldest
+    cache.put_rows(0, _d("d", "a"), rows[3:5])  # a stored again: same key, new bytes, no eviction for it
+    found, before = cache.get_rows(0, _d("a", "b", "c", "d"))  # b was evicted by d; now a is the oldest
+    assert found.tolist() == [0, 2, 3] and (before == rows[[4, 2, 3]]).all()
+    cache.put_rows(0, _d("e"), rows[5:6])  # evicts a, and e's row goes into a's slot
+    found, got = cache.get_rows(0, _d("c", "e", "a", "d"))
+    assert found.tolist() == [0, 1, 3] and (got == rows[[2, 5, 3]]).all()
     assert (before == rows[[4, 2, 3]]).all()  # what a lookup returned is its own copy
     with pytest.raises(ValueError, match="8-byte rows"):
-        cache.put_rows(["f"], _rows(1, width=9))
+        cache.put_rows(0, _d("f"), _rows(1, width=9))
     with pytest.raises(ValueError, match="2 keys"):
-        cache.put_rows(["f", "g"], rows[:1])
-    tiny = LocalCache(max_bytes=ENTRY_OVERHEAD)  # not one row fits: nothing is stored
-    tiny.put_rows(["a"], rows[:1])
-    found, got = tiny.get_rows(["a"])
-    assert found == [] and got.shape == (0, 8) and tiny.bytes == 0
+        cache.put_rows(0, _d("f", "g"), rows[:1])
+    tiny = LocalCache(max_bytes=ENTRY_OVERHEAD, use_native=use_native)  # not one row fits: nothing is stored
+    tiny.put_rows(0, _d("a"), rows[:1])
+    found, got = tiny.get_rows(0, _d("a"))
+    assert not len(found) and got.shape == (0, 8) and tiny.bytes == 0
+
+
+def test_the_native_index_is_the_python_lru_exactly():
+    """Random gets and puts with evictions, repeated keys and several layers: the same slot for every key."""
+    if row_keys.library() is None:
+        pytest.skip("no C++ compiler here: the native index cannot be built")
+    native, python = row_keys.SlotIndex(50), row_keys.SlotIndex(50, use_native=False)
+    rng = np.random.default_rng(0)
+    pool = _d(*(f"k{i}" for i in range(200)))
+    for _ in range(400):
+        picked = pool[rng.integers(0, 200, rng.integers(1, 40))]
+        layer = int(rng.integers(0, 3))
+        op = "get" if rng.random() < 0.5 else "put"
+        assert (getattr(native, op)(layer, picked) == getattr(python, op)(layer, picked)).all()
+        assert len(native) == len(python)
+    assert len(native) == 50
 
 
 def _resident_bytes() -> int:
@@ -74,8 +106,8 @@ def test_a_reserved_cache_holds_its_budget_from_the_start():
     else:
         assert sys.platform != "linux" or not populate(np.empty(1 << 20, dtype=np.uint8))
     rows = _rows(3, width=1024)
-    cache.put_rows(["a", "b", "c"], rows)
-    assert (cache.get_rows(["c", "a"])[1] == rows[[2, 0]]).all()
+    cache.put_rows(0, _d("a", "b", "c"), rows)
+    assert (cache.get_rows(0, _d("c", "a"))[1] == rows[[2, 0]]).all()
     with pytest.raises(ValueError, match="1024-byte rows"):
         cache.reserve(512)
 
@@ -94,14 +126,49 @@ def test_set_commands_are_what_redis_py_would_send():
 
 
 def test_keys_name_revision_layer_and_exact_bytes():
-    record = bytes(range(64)) * 2
-    flipped = bytearray(record)
-    flipped[100] ^= 1
-    a = row_keys("moe:rev1:3:", memoryview(record), 64)
-    assert a == row_keys("moe:rev1:3:", memoryview(record), 64) and a[0] == a[1]
-    assert row_keys("moe:rev2:3:", memoryview(record), 64)[0] != a[0]
-    assert row_keys("moe:rev1:4:", memoryview(record), 64)[0] != a[0]
-    assert row_keys("moe:rev1:3:", memoryview(bytes(flipped)), 64)[1] != a[1]
+    x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64).remainder(7)
+    x[1] = x[0]
+    ids, weights = torch.tensor([[1, 2], [1, 2]]), torch.tensor([[0.75, 0.25], [0.75, 0.25]])
+    digests = row_keys.row_digests(x, ids, weights, 0, 2)
+    a = row_keys.redis_keys("moe:rev1:3:", digests)
+    assert a[0] == a[1] and a[0].startswith("moe:rev1:3:") and len(a[0]) == len("moe:rev1:3:") + 32
+    assert row_keys.redis_keys("moe:rev2:3:", digests)[0] != a[0]
+    assert row_keys.redis_keys("moe:rev1:4:", digests)[0] != a[0]
+    flipped = x.clone()
+    flipped[1, 40] = 1.5
+    assert row_keys.redis_keys("moe:rev1:3:", row_keys.row_digests(flipped, ids, weights, 0, 2))[1] != a[1]
+    other_expert = row_keys.row_digests(x, torch.tensor([[1, 3], [1, 2]]), weights, 0, 2)
+    other_weight = row_keys.row_digests(x, ids, torch.tensor([[0.5, 0.5], [0.75, 0.25]]), 0, 2)
+    assert not (other_expert[0] == digests[0]).all() and not (other_weight[0] == digests[0]).all()
+    assert (row_keys.digests_of_hex(row_keys.hex_of(digests)) == digests).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_rows_digest_is_xxh3_of_its_record_natively_or_not(dtype):
+    """The native digests, the Python ones and xxh3-128 of the record's bytes agree, for any span of a step."""
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    x = torch.randn(n, 64, generator=g).to(dtype)
+    ids = torch.randint(0, 8, (n, 2), generator=g, dtype=torch.int32)  # any integer type: hashed as int32
+    weights = torch.rand(n, 2, generator=g)
+    raw = x.view(torch.int16) if dtype == torch.bfloat16 else x
+    records = [raw[i].numpy().tobytes() + ids[i].numpy().astype("<i4").tobytes() + weights[i].numpy().tobytes()
+               for i in range(n)]
+    expected = np.stack([np.frombuffer(xxhash.xxh3_128_digest(r), dtype=np.uint8) for r in records])
+    natives = (True, False) if row_keys.library() is not None else (False,)
+    for native in natives:
+        assert (row_keys.row_digests(x, ids, weights, 0, n, use_native=native) == expected).all()
+        assert (row_keys.row_digests(x, ids, weights, 5, 9, use_native=native) == expected[5:9]).all()
+        index = row_keys.SlotIndex(100, use_native=native)
+        index.put(3, expected[[7]])
+        keys = row_keys.lookup_step(index, 3, torch.cat([x, x[:2]]), torch.cat([ids, ids[:2]]),
+                                    torch.cat([weights, weights[:2]]), 6, n + 2)
+        assert (keys.digests == np.concatenate([expected[6:], expected[:2]])).all()
+        assert keys.repeats == 0 and keys.held == 1 and keys.slots.tolist() == [-1, 0] + [-1] * (n - 6)
+        doubled = row_keys.lookup_step(index, 3, torch.cat([x, x]), torch.cat([ids, ids]),
+                                       torch.cat([weights, weights]), 0, 2 * n)
+        assert doubled.repeats == n and doubled.first.tolist() == list(range(n)) * 2 and doubled.held == 1
+        assert doubled.slots.tolist() == [-1] * 7 + [0] + [-1] * (2 * n - 8)
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +248,3 @@ def test_wrappers_keep_the_need_for_invariance(parts):
     assert not RoutingRecorder(parts[1], stats).invariant_phases
     assert make(parts, phases="prefill")[1].invariant_phases == {"prefill"}
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_key_is_the_same_whether_its_step_is_small_or_large(dtype):
-    from router_service import cached_experts
-
-    g = torch.Generator().manual_seed(0)
-    n = cached_experts.SMALL_ROWS + 8
-    call = ExpertCall(3, torch.randn(n, 64, generator=g).to(dtype), torch.rand(n, 2, generator=g),
-                      torch.randint(0, 8, (n, 2), generator=g), num_decode=5)
-    cache = CachedExperts(LocalExperts({}), CacheConfig(mode="local"), "rev")
-    every, later = list(range(n)), list(range(5, n))
-    large = cache._keys(call, every)
-    assert len(set(large)) == n
-    assert cached_experts._small_keys("moe:rev:3:", call, every) == large
-    assert cache._keys(call, later) == large[5:]  # a gathered subset keys its rows as before
-    small = ExpertCall(3, call.x[:2], call.weights[:2], call.ids[:2])
-    assert cache._keys(small, [0, 1]) == large[:2]

@@ -14,16 +14,21 @@ def keys_of(layer: int, n: int) -> list[str]:
     return [f"moe:rev:{layer}:{layer:02d}{i:030x}" for i in range(n)]
 
 
+def hex_of(keys: list[str]) -> np.ndarray:
+    """[n, 32] ASCII: the hex digests of these keys, as the router fills a value."""
+    return np.frombuffer("".join(key[-32:] for key in keys).encode(), dtype=np.uint8).reshape(len(keys), 32)
+
+
 def rows_of(layer: int, n: int) -> np.ndarray:
     return (np.arange(n * ROW_BYTES, dtype=np.uint8).reshape(n, ROW_BYTES) + 7 * layer).astype(np.uint8)
 
 
 def filled(n: int = 5) -> tuple[BundleFormat, StepBundles]:
     form = BundleFormat(LAYERS, ROW_BYTES)
-    step = StepBundles(9, form, rows=list(range(n)), keys=keys_of(LAYERS[0], n))
+    step = StepBundles(9, form, rows=np.arange(n), keys=keys_of(LAYERS[0], n))
     for position, layer in enumerate(LAYERS):
         assert not step.complete
-        step.fill(position, keys_of(layer, n), rows_of(layer, n))
+        step.fill(position, hex_of(keys_of(layer, n)), rows_of(layer, n))
     return form, step
 
 
@@ -33,7 +38,7 @@ def test_every_layers_key_and_row_come_back_from_a_value():
     assert form.size == 4 + 4 * len(LAYERS) + (32 + ROW_BYTES) * len(LAYERS)
     for position, layer in enumerate(LAYERS):
         assert [form.head] * 5 == [bytes(v[:len(form.head)]) for v in step.values]
-        assert form.digests(step.values, position) == [key[-32:] for key in keys_of(layer, 5)]
+        np.testing.assert_array_equal(form.digests(step.values, position), hex_of(keys_of(layer, 5)))
         np.testing.assert_array_equal(form.rows(step.values, position), rows_of(layer, 5))
 
 
@@ -51,7 +56,7 @@ def test_a_value_is_valid_only_for_its_own_key_layers_and_size():
 
 def test_a_step_missing_a_layer_is_not_complete():
     form = BundleFormat(LAYERS, ROW_BYTES)
-    step = StepBundles(0, form, rows=[0, 2], keys=keys_of(1, 2))
-    step.fill(0, keys_of(1, 2), rows_of(1, 2))
-    step.fill(2, keys_of(4, 2), rows_of(4, 2))
+    step = StepBundles(0, form, rows=np.array([0, 2]), keys=keys_of(1, 2))
+    step.fill(0, hex_of(keys_of(1, 2)), rows_of(1, 2))
+    step.fill(2, hex_of(keys_of(4, 2)), rows_of(4, 2))
     assert not step.complete
