@@ -1,10 +1,10 @@
 """C++ kernels from `moe_core/kernels`, compiled on first use with the machine's compiler, loaded with ctypes.
 
 Each source becomes one shared library in `MOE_KERNEL_DIR` (default `~/.cache/moe-serve/kernels`),
-named by a hash of the source and the flags, compiled with `CXX` (default `c++`) in about a second and
-reused by every later process; a directory filled at image build time serves machines without a
-compiler (deploy/docker/Dockerfile). A process that cannot build or load a kernel says so once in the
-log, and its callers use torch's own kernels.
+named by a hash of the source, its headers and the flags, compiled with `CXX` (default `c++`) in a few
+seconds and reused by every later process; a directory filled at image build time serves machines
+without a compiler (deploy/docker/Dockerfile). A process that cannot build or load a kernel says so
+once in the log, and its callers use torch's own kernels (or, for the expert cache's index, Python).
 
 The kernels target AVX2 with FMA. The panel GEMM is the default on CPUs with AVX2 but no AVX-512, where
 it was measured faster than oneDNN (bench/RESULTS.md, "Native kernels for AVX2 CPUs"); with AVX-512
@@ -14,6 +14,9 @@ and 2x on an AVX-512 one with AMX ("Paged decode attention on amx-2core"). Each 
 it on any CPU with AVX2 and FMA, `0` turns it off. The libraries link OpenMP and
 bind, at load, to the libgomp.so.1 torch brought in, so they run on torch's thread team and
 `torch.set_num_threads` on the calling thread sets theirs.
+
+`row_cache` is plain C++ for any CPU, with no OpenMP: the expert-output cache's row digests (xxHash's
+xxh3-128, vendored as kernels/xxhash.h) and its local tier's LRU index (router_service/row_keys.py).
 """
 
 from __future__ import annotations

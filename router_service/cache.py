@@ -146,18 +146,51 @@ class LocalCache:
         if rows.ndim != 2 or len(rows) != len(digests) or rows.dtype != np.uint8:
             raise ValueError(f"{len(digests)} keys need a [{len(digests)}, width] uint8 array, got {rows.dtype} "
                              f"{rows.shape}")
+        if rows.strides[1] != 1:
+            rows = np.ascontiguousarray(rows)
+        self._store(layer, digests, rows, rows.ctypes.data, rows.strides[0], rows.shape[1], None)
+
+    def put_output(self, layer: int, digests: np.ndarray, out: torch.Tensor, pick: np.ndarray | None = None) -> None:
+        """Store row pick[i] (or i) of the expert output `out` [T, H] under (layer, digests[i]), copied
+        from the tensor's own memory."""
+        if not len(digests):
+            return
+        if out.device.type != "cpu" or out.stride(-1) != 1:
+            rows = bytes_of(out)
+            self.put_rows(layer, digests, rows if pick is None else rows[pick])
+            return
+        width = out.shape[1] * out.element_size()
+        self._store(layer, digests, out, out.data_ptr(), out.stride(0) * out.element_size(), width, pick)
+
+    def _store(self, layer: int, digests: np.ndarray, rows: np.ndarray | torch.Tensor, rows_at: int,
+               row_stride: int, width: int, pick: np.ndarray | None) -> None:
         with self._lock:
             if self._slab is None:
-                self._make_slab(rows.shape[1])
-            elif rows.shape[1] != self.width:
-                raise ValueError(f"rows of {rows.shape[1]} bytes in a cache of {self.width}-byte rows")
-            capacity = len(self._slab)
-            if capacity == 0:
+                self._make_slab(width)
+            elif width != self.width:
+                raise ValueError(f"rows of {width} bytes in a cache of {self.width}-byte rows")
+            if len(self._slab) == 0:
                 return
-            if len(digests) > capacity:  # more than the whole cache: the last ones stay
-                digests, rows = digests[len(digests) - capacity:], rows[len(rows) - capacity:]
-            # no slot twice but for a key given twice (the same row): a call's rows never evict each other
-            self._slab[self._index.put(layer, digests)] = rows
+            # Keys of one call evict each other only when there are more than the cache holds: then the
+            # last ones stay, each slot with its own key's row.
+            if self._index.native:
+                self._index.store(layer, digests, rows_at, row_stride, pick, self._slab)
+                return
+            if isinstance(rows, torch.Tensor):
+                rows = bytes_of(rows)
+            self._slab[self._index.put(layer, digests)] = rows if pick is None else rows[pick]
+
+
+def bytes_of(t: torch.Tensor) -> np.ndarray:
+    """[rows, ...] tensor -> [rows, bytes per row] uint8 array over its memory (a copy only off the CPU)."""
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what count
+        t = t.view(torch.int16)
+    try:
+        a = t.numpy()
+    except TypeError:  # on an accelerator
+        a = t.cpu().numpy()
+    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], -1).view(np.uint8)
 
 
 # Writes go as plain pipelined SETs with expiry between these two, in one packed write: the server

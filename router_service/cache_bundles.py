@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from router_service.row_keys import hex_of
+
 MAGIC = b"MOE\x01"  # the format: a value of any other shape (an older router's, anything else) is garbage
 DIGEST = 32  # hex characters of a key's digest: a key is its head ("prefix:revision:layer:") and these
 
@@ -38,12 +40,14 @@ class BundleFormat:
         values[:, :self._digests_at] = np.frombuffer(self.head, dtype=np.uint8)
         return values
 
-    def fill(self, values: np.ndarray, position: int, digests: np.ndarray, rows: np.ndarray) -> None:
-        """Layer number `position` (of self.layers) of each value: its key's hex digest [n, 32] and its row."""
-        at = self._digests_at + DIGEST * position
-        values[:, at:at + DIGEST] = digests
+    def fill_rows(self, values: np.ndarray, position: int, rows: np.ndarray) -> None:
+        """The row of layer number `position` (of self.layers) of each value."""
         at = self._rows_at + self.row_bytes * position
         values[:, at:at + self.row_bytes] = rows
+
+    def fill_digests(self, values: np.ndarray, digests: np.ndarray) -> None:
+        """Every layer's hex key digest of each value: [values, 32 × layers] ASCII, the layers in order."""
+        values[:, self._digests_at:self._rows_at] = digests
 
     def valid(self, value: bytes, key: str) -> bool:
         """Whether `value` is this format's value for the first-layer key `key`."""
@@ -68,12 +72,21 @@ class StepBundles:
         self.step_id, self.form = step_id, form
         self.rows, self.keys = rows, keys  # step rows, and their first-layer keys (the Redis keys)
         self.values = form.empty(len(rows))
+        self.digests = np.empty((len(rows), len(form.layers), DIGEST // 2), dtype=np.uint8)  # binary, until done
         self.filled: set[int] = set()
 
     def fill(self, position: int, digests: np.ndarray, rows: np.ndarray) -> None:
-        self.form.fill(self.values, position, digests, rows)
+        """Layer number `position` of each value: its key's digest ([n, 16] binary) and its row."""
+        self.digests[:, position] = digests
+        self.form.fill_rows(self.values, position, rows)
         self.filled.add(position)
 
     @property
     def complete(self) -> bool:
         return len(self.filled) == len(self.form.layers)
+
+    def finished(self) -> np.ndarray:
+        """The values, every layer's digest written in hex: one conversion for the step, not one per layer."""
+        n, layers = len(self.rows), len(self.form.layers)
+        self.form.fill_digests(self.values, hex_of(self.digests.reshape(n * layers, -1)).reshape(n, layers * DIGEST))
+        return self.values

@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moe_core.forward import ExpertCall, ExpertHandle
 from moe_core.metrics import LATENCY_BUCKETS
-from router_service.cache import CacheConfig, LocalCache, RedisCache
+from router_service.cache import CacheConfig, LocalCache, RedisCache, bytes_of
 from router_service.cache_bundles import BundleFormat, StepBundles
 from router_service.expert_backend import ExpertBackend, WrappedBackend
-from router_service.row_keys import StepKeys, digests_of_hex, hex_of, redis_keys
+from router_service.row_keys import StepKeys, digests_of_hex, redis_keys
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class CachedExperts(WrappedBackend):
             self.dispatched_rows += n
             return self.inner.submit(call)
         first_layer = self.redis is not None and call.layer == self.moe_layers[0]
-        keys, found, stored = self._lookup(call, start, stop, first_layer)  # found: positions, row start + i
+        keys, found, stored, asked = self._lookup(call, start, stop, first_layer)  # found: positions, row start + i
         digests = keys.digests
         if not len(found) and not keys.repeats:  # the usual step without repeats: all computed, all written
             hit, misses, copies, writes = found, None, None, (np.arange(start, stop), digests)
@@ -120,7 +120,9 @@ class CachedExperts(WrappedBackend):
             written = np.flatnonzero(unwritten)
             writes = (start + written, digests[written])
         if first_layer and len(writes[0]):
-            self._gather(call, *writes)
+            # the rows asked of Redis and still missing: their Redis names are made once
+            names = asked[1] if asked is not None and len(asked[0]) == len(writes[0]) else None
+            self._gather(call, *writes, names)
         handle = None
         if misses is None:  # nothing found: send the step as it is, no gather
             self.dispatched_rows += n
@@ -142,10 +144,11 @@ class CachedExperts(WrappedBackend):
         return start, max(start, stop)
 
     def _lookup(self, call: ExpertCall, start: int, stop: int, ask_redis: bool
-                ) -> tuple[StepKeys, np.ndarray, np.ndarray]:
-        """The keys of rows start..stop-1, the positions among them that either tier holds, ascending, and
-        their stored rows [found, row bytes] uint8 in that order. Only the first row of a repeated digest is
-        looked up. Redis, when asked, also hands over the rows of the later layers (to the local tier)."""
+                ) -> tuple[StepKeys, np.ndarray, np.ndarray, tuple[np.ndarray, list[str]] | None]:
+        """The keys of rows start..stop-1, the positions among them that either tier holds, ascending, their
+        stored rows [found, row bytes] uint8 in that order, and the positions asked of Redis with their Redis
+        names (None: not asked). Only the first row of a repeated digest is looked up. Redis, when asked,
+        also hands over the rows of the later layers (to the local tier)."""
         started = time.perf_counter()
         keys, stored = self.local.lookup_step(call.layer, call.x, call.ids, call.weights, start, stop)
         found = np.flatnonzero(keys.slots >= 0) if keys.held else np.empty(0, dtype=np.int64)
@@ -155,7 +158,7 @@ class CachedExperts(WrappedBackend):
         self._count_result("local", "shared", keys.repeats)
         self._observe("local", started)
         if not ask_redis or keys.held == asked:
-            return keys, found, stored
+            return keys, found, stored, None
         missing = keys.first == np.arange(stop - start)
         missing[found] = False
         ask = np.flatnonzero(missing)
@@ -165,7 +168,7 @@ class CachedExperts(WrappedBackend):
         self._observe("redis", started)
         if answers is None:
             self._count_result("redis", "error", len(ask))
-            return keys, found, stored
+            return keys, found, stored, (ask, names)
         form = self._format(call)
         fresh, values, garbage = [], [], 0
         for i, name, value in zip(ask.tolist(), names, answers, strict=True):
@@ -178,14 +181,14 @@ class CachedExperts(WrappedBackend):
         self._count_result("redis", "miss", len(ask) - len(fresh) - garbage)
         self._count_result("redis", "error", garbage)
         if not fresh:
-            return keys, found, stored
+            return keys, found, stored, (ask, names)
         got = self._unpack(form, np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(fresh), form.size))
         fresh_at = np.array(fresh, dtype=np.int64)
         if not len(found):
-            return keys, fresh_at, got
+            return keys, fresh_at, got, (ask, names)
         merged = np.concatenate([found, fresh_at])
         order = np.argsort(merged, kind="stable")
-        return keys, merged[order], np.concatenate([stored, got])[order]
+        return keys, merged[order], np.concatenate([stored, got])[order], (ask, names)
 
     def _unpack(self, form: BundleFormat, values: np.ndarray) -> np.ndarray:
         """Every layer's rows of Redis values into the local tier, under each layer's key; -> the first
@@ -200,26 +203,28 @@ class CachedExperts(WrappedBackend):
             self._form = BundleFormat(self.moe_layers, row_bytes)
         return self._form
 
-    def _gather(self, call: ExpertCall, rows: np.ndarray, digests: np.ndarray) -> None:
-        """Start the step's Redis values: these rows (that no tier held), under their first-layer keys."""
-        keys = redis_keys(self._head(call.layer), digests)
+    def _gather(self, call: ExpertCall, rows: np.ndarray, digests: np.ndarray, names: list[str] | None) -> None:
+        """Start the step's Redis values: these rows (that no tier held), under their first-layer keys
+        (`names`, where already made)."""
+        keys = names if names is not None else redis_keys(self._head(call.layer), digests)
         self._gathering[call.step_id] = StepBundles(call.step_id, self._format(call), rows, keys)
         while len(self._gathering) > GATHERING_STEPS:
             self._gathering.popitem(last=False)
 
     def _bundle_part(self, call: ExpertCall, digests: np.ndarray, start: int) -> tuple | None:
-        """(the step's values, this layer's position in them, the hex digests of their rows here), if being gathered."""
+        """(the step's values, this layer's position in them, the digests of their rows here), if being gathered."""
         step = self._gathering.get(call.step_id) if self.redis is not None else None
         if step is None or call.layer not in self.moe_layers:
             return None
-        return step, self.moe_layers.index(call.layer), hex_of(digests[step.rows - start])
+        picked = digests if len(step.rows) == len(digests) and start == 0 else digests[step.rows - start]
+        return step, self.moe_layers.index(call.layer), picked
 
     def _finish(self, step: StepBundles) -> None:
         """The step's last MoE layer is in: its values go to Redis, one per token."""
         if self._gathering.get(step.step_id) is step:
             del self._gathering[step.step_id]
         if step.complete:  # a value lacking a layer would be refused by no one: never write it
-            self.redis.put_rows(step.keys, step.values)
+            self.redis.put_rows(step.keys, step.finished())
 
     def _head(self, layer: int) -> str:
         return f"{self.config.prefix}:{self.revision}:{layer}:"
@@ -251,7 +256,7 @@ class _Assembly:
         out = self._assemble()
         if self.bundle is not None:  # this layer's part of the step's Redis values, whatever each row's source
             step, position, digests = self.bundle
-            data = _bytes_of(out)
+            data = bytes_of(out)
             step.fill(position, digests, data if len(step.rows) == len(data) else data[step.rows])
             if position == len(step.form.layers) - 1:
                 self.cache._finish(step)
@@ -285,19 +290,11 @@ class _Assembly:
         rows, digests = self.writes
         if not len(rows):
             return
-        data = _bytes_of(computed)  # [computed rows, row bytes], over the output's own memory
         # row r of the step is row r of `computed` when all were computed, else its place among the misses
-        index = rows if self.misses is None else np.searchsorted(self.misses, rows)
-        self.cache.local.put_rows(self.call.layer, digests, data if len(index) == len(data) else data[index])
+        pick = (None if len(rows) == computed.shape[0] else rows) if self.misses is None \
+            else np.searchsorted(self.misses, rows)
+        if pick is not None and len(pick) == computed.shape[0]:  # every computed row, in order
+            pick = None
+        self.cache.local.put_output(self.call.layer, digests, computed, pick)
 
 
-def _bytes_of(t: torch.Tensor) -> np.ndarray:
-    """[rows, ...] tensor -> [rows, bytes per row] uint8 array over its memory (a copy only off the CPU)."""
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what count
-        t = t.view(torch.int16)
-    try:
-        a = t.numpy()
-    except TypeError:  # on an accelerator
-        a = t.cpu().numpy()
-    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
-    return a.reshape(a.shape[0], -1).view(np.uint8)

@@ -6,13 +6,15 @@ ids as int32 and its gate weights as float32. A key is (layer, digest) in the lo
 "prefix:revision:layer:" + the digest in hex in Redis.
 
 The work runs in one native call per layer step (moe_core/kernels/row_cache.cpp); where that library
-cannot be built the same digests and the same LRU come from Python, a few microseconds per row slower.
+cannot be built (or MOE_ROW_CACHE=0) the same digests and the same LRU come from Python, a few
+microseconds per row slower.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -53,13 +55,16 @@ def _library() -> ctypes.CDLL | None:
     lib.row_cache_put.restype = None
     lib.row_cache_lookup.argtypes = [_P, ctypes.c_int32, _P, _I64, _I64, _P, _P, ctypes.c_int32, _I64, _P, _P, _P, _P]
     lib.row_cache_lookup.restype = _I64
+    lib.row_cache_store.argtypes = [_P, ctypes.c_int32, _P, _I64, _P, _I64, _P, _P, _I64]
+    lib.row_cache_store.restype = None
     return lib
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The native library, or None where it cannot be built (logged once by moe_core.native)."""
-    return _library()
+    """The native library, or None where it cannot be built (logged once by moe_core.native) or where
+    MOE_ROW_CACHE=0 asks for the Python index."""
+    return None if os.environ.get("MOE_ROW_CACHE", "auto") == "0" else _library()
 
 
 @dataclass
@@ -99,38 +104,43 @@ def lookup_step(index: SlotIndex | None, layer: int, x: torch.Tensor, ids: torch
     n = stop - start
     if index is not None and index.native and n > 0:
         return index.lookup_step(layer, x, ids, weights, start, stop)
-    digests = row_digests(x, ids, weights, start, stop, use_native=index is None or index.native)
-    first, repeats = step_firsts(digests, use_native=index is None or index.native)
-    slots = np.full(n, -1, dtype=np.int64)
-    if index is not None and n > 0:
+    native = index is None or index.native
+    digests = row_digests(x, ids, weights, start, stop, use_native=native)
+    first, repeats = step_firsts(digests, use_native=native)
+    if index is None or n == 0:
+        return StepKeys(digests, first, repeats, np.full(n, -1, dtype=np.int64), 0)
+    if repeats:
+        slots = np.full(n, -1, dtype=np.int64)
         unique = np.flatnonzero(first == np.arange(n))
         slots[unique] = index.get(layer, digests[unique])
-    return StepKeys(digests, first, repeats, slots, int((slots >= 0).sum()))
+    else:
+        slots = index.get(layer, digests)
+    return StepKeys(digests, first, repeats, slots, int(np.count_nonzero(slots >= 0)))
 
 
 def row_digests(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, start: int, stop: int,
                 use_native: bool = True) -> np.ndarray:
     """[stop - start, 16] uint8: the digests of rows start..stop-1 (x [T, H], ids [T, k], weights [T, k])."""
     n = stop - start
-    out = np.empty((max(n, 0), DIGEST_BYTES), dtype=np.uint8)
     if n <= 0:
-        return out
+        return np.empty((0, DIGEST_BYTES), dtype=np.uint8)
     (x, ids, weights), (px, pids, pweights) = _step_inputs(x, ids, weights, start, stop)
     lib = library() if use_native else None
     if lib is not None:
+        out = np.empty((n, DIGEST_BYTES), dtype=np.uint8)
         lib.row_cache_digests(px, x.stride(0) * x.element_size(), x.shape[1] * x.element_size(), pids, pweights,
                               ids.shape[1], None, n, out.ctypes.data)
         return out
     if x.shape[0] != n:
         x, ids, weights = x[start:stop], ids[start:stop], weights[start:stop]
     rows = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16: bytes count
-    k = ids.shape[1]
-    pack = struct.Struct(f"<{k}i{k}f").pack
-    for i, (row_ids, row_weights) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
-        digest = xxhash.xxh3_128(np.ascontiguousarray(rows[i]).data)
-        digest.update(pack(*row_ids, *row_weights))
-        out[i] = np.frombuffer(digest.digest(), dtype=np.uint8)
-    return out
+    # the records side by side by numpy, then one xxh3 call per row: little-endian, as the native code reads them
+    records = np.concatenate([np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1),
+                              ids.numpy().astype("<i4").view(np.uint8).reshape(n, -1),
+                              weights.numpy().astype("<f4").view(np.uint8).reshape(n, -1)], axis=1)
+    width, view, digest = records.shape[1], memoryview(records).cast("B"), xxhash.xxh3_128_digest
+    joined = b"".join([digest(view[i:i + width]) for i in range(0, n * width, width)])
+    return np.frombuffer(joined, dtype=np.uint8).reshape(n, DIGEST_BYTES).copy()
 
 
 def step_firsts(digests: np.ndarray, use_native: bool = True) -> tuple[np.ndarray, int]:
@@ -144,9 +154,9 @@ def step_firsts(digests: np.ndarray, use_native: bool = True) -> tuple[np.ndarra
         return first, int(lib.row_cache_firsts(digests.ctypes.data, n, first.ctypes.data))
     seen: dict[bytes, int] = {}
     data = digests.tobytes()
-    for i in range(n):
-        first[i] = seen.setdefault(data[DIGEST_BYTES * i:DIGEST_BYTES * (i + 1)], i)
-    return first, int((first != np.arange(n)).sum())
+    firsts = [seen.setdefault(data[i:i + DIGEST_BYTES], i // DIGEST_BYTES) for i in range(0, len(data), DIGEST_BYTES)]
+    first[:] = firsts
+    return first, n - len(seen)
 
 
 def hex_of(digests: np.ndarray) -> np.ndarray:
@@ -223,6 +233,16 @@ class SlotIndex:
                                           at + digests_end, at + first_end, at + slots_end)
         return StepKeys(out[:digests_end].reshape(n, DIGEST_BYTES), out[digests_end:first_end].view(np.int64),
                         int(out[slots_end:].view(np.int64)[0]), out[first_end:slots_end].view(np.int64), int(held))
+
+    def store(self, layer: int, digests: np.ndarray, rows_at: int, row_stride: int, pick: np.ndarray | None,
+              slab: np.ndarray) -> None:
+        """put() the keys and copy key i's row (row pick[i], or i, of the rows at address `rows_at`,
+        row_stride bytes apart) into its slot of `slab`, in one native call (this index is native)."""
+        digests = np.ascontiguousarray(digests)
+        if pick is not None:
+            pick = np.ascontiguousarray(pick, dtype=np.int64)
+        self._lib.row_cache_store(self._native, layer, digests.ctypes.data, len(digests), rows_at, row_stride,
+                                  None if pick is None else pick.ctypes.data, slab.ctypes.data, slab.shape[1])
 
     def put(self, layer: int, digests: np.ndarray) -> np.ndarray:
         """int64 [n]: the slot each key now has (held: its own, made the most recent; new: a never-used

@@ -216,4 +216,15 @@ void row_cache_put(void* index, int32_t layer, const uint8_t* digests, int64_t n
     for (int64_t i = 0; i < n; i++) slots[i] = t.put(key_of(digests + 16 * i, layer));
 }
 
+// Store n rows under (layer, digest i) (row_cache_put) and copy each into its slot of the slab ([slots,
+// width] bytes): key i's row is row pick[i] (i where pick is null) of `rows`, row_stride bytes apart.
+void row_cache_store(void* index, int32_t layer, const uint8_t* digests, int64_t n, const uint8_t* rows,
+                     int64_t row_stride, const int64_t* pick, uint8_t* slab, int64_t width) {
+    Index& t = *static_cast<Index*>(index);
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t slot = t.put(key_of(digests + 16 * i, layer));
+        if (slot != NONE) memcpy(slab + int64_t(slot) * width, rows + (pick ? pick[i] : i) * row_stride, width);
+    }
+}
+
 }  // extern "C"

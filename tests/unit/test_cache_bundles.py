@@ -15,8 +15,13 @@ def keys_of(layer: int, n: int) -> list[str]:
 
 
 def hex_of(keys: list[str]) -> np.ndarray:
-    """[n, 32] ASCII: the hex digests of these keys, as the router fills a value."""
+    """[n, 32] ASCII: the hex digests of these keys, as a value holds them."""
     return np.frombuffer("".join(key[-32:] for key in keys).encode(), dtype=np.uint8).reshape(len(keys), 32)
+
+
+def digests_of(keys: list[str]) -> np.ndarray:
+    """[n, 16]: the binary digests of these keys, as the router hands them to a step's values."""
+    return np.frombuffer(bytes.fromhex("".join(key[-32:] for key in keys)), dtype=np.uint8).reshape(len(keys), 16)
 
 
 def rows_of(layer: int, n: int) -> np.ndarray:
@@ -28,7 +33,8 @@ def filled(n: int = 5) -> tuple[BundleFormat, StepBundles]:
     step = StepBundles(9, form, rows=np.arange(n), keys=keys_of(LAYERS[0], n))
     for position, layer in enumerate(LAYERS):
         assert not step.complete
-        step.fill(position, hex_of(keys_of(layer, n)), rows_of(layer, n))
+        step.fill(position, digests_of(keys_of(layer, n)), rows_of(layer, n))
+    step.finished()
     return form, step
 
 
@@ -57,6 +63,6 @@ def test_a_value_is_valid_only_for_its_own_key_layers_and_size():
 def test_a_step_missing_a_layer_is_not_complete():
     form = BundleFormat(LAYERS, ROW_BYTES)
     step = StepBundles(0, form, rows=np.array([0, 2]), keys=keys_of(1, 2))
-    step.fill(0, hex_of(keys_of(1, 2)), rows_of(1, 2))
-    step.fill(2, hex_of(keys_of(4, 2)), rows_of(4, 2))
+    step.fill(0, digests_of(keys_of(1, 2)), rows_of(1, 2))
+    step.fill(2, digests_of(keys_of(4, 2)), rows_of(4, 2))
     assert not step.complete

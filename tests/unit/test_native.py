@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,25 @@ def test_without_a_compiler_it_says_so_and_linear_uses_onednn(monkeypatch, fresh
     assert layer.panels is None and layer(torch.ones(1, 8)).shape == (1, 8)
     assert half.pairs is None and half(torch.ones(1, 8).bfloat16()).shape == (1, 8)
     assert "no C++ compiler" in caplog.text and "panel_gemm" in caplog.text
+
+
+def test_without_a_compiler_the_expert_cache_indexes_in_python(monkeypatch, fresh, caplog):
+    from router_service import row_keys
+    from router_service.cache import LocalCache
+
+    monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
+    row_keys.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="moe_core.native"):
+            cache = LocalCache(1 << 20)
+            x, ids, weights = torch.randn(4, 64), torch.tensor([[0, 1]] * 4), torch.rand(4, 2)
+            keys, _ = cache.lookup_step(3, x, ids, weights, 0, 4)
+            cache.put_rows(3, keys.digests, np.ones((4, 256), dtype=np.uint8))
+            again, rows = cache.lookup_step(3, x, ids, weights, 0, 4)
+        assert not cache.native and again.held == 4 and (rows == 1).all()
+        assert "row_cache" in caplog.text and "no C++ compiler" in caplog.text
+    finally:
+        row_keys.library.cache_clear()
 
 
 def test_a_broken_compile_is_reported_not_raised(monkeypatch, fresh, caplog):
