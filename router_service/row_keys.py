@@ -204,12 +204,9 @@ class SlotIndex:
 
     def get(self, layer: int, digests: np.ndarray) -> np.ndarray:
         """int64 [n]: each key's slot, or -1; the held ones become the most recently used."""
-        n = len(digests)
-        slots = np.empty(n, dtype=np.int64)
         if self._native is not None:
-            digests = np.ascontiguousarray(digests)
-            self._lib.row_cache_get(self._native, layer, digests.ctypes.data, n, slots.ctypes.data)
-            return slots
+            return self._native_slots(self._lib.row_cache_get, layer, digests)
+        slots = np.empty(len(digests), dtype=np.int64)
         entries = self._entries
         for i, key in enumerate(_keys(layer, digests)):
             slot = entries.get(key)
@@ -218,6 +215,12 @@ class SlotIndex:
             else:
                 entries.move_to_end(key)
                 slots[i] = slot
+        return slots
+
+    def _native_slots(self, fn: ctypes._CFuncPtr, layer: int, digests: np.ndarray) -> np.ndarray:
+        slots = np.empty(len(digests), dtype=np.int64)
+        digests = np.ascontiguousarray(digests)
+        fn(self._native, layer, digests.ctypes.data, len(digests), slots.ctypes.data)
         return slots
 
     def lookup_step(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, start: int,
@@ -246,13 +249,11 @@ class SlotIndex:
 
     def put(self, layer: int, digests: np.ndarray) -> np.ndarray:
         """int64 [n]: the slot each key now has (held: its own, made the most recent; new: a never-used
-        slot or the least recently used entry's). At most `slots` keys a call, so none takes another's."""
-        n = len(digests)
-        slots = np.empty(n, dtype=np.int64)
+        slot or the least recently used entry's). Keys of one call take each other's slots only when there
+        are more than `slots` of them: then the last ones hold theirs."""
         if self._native is not None:
-            digests = np.ascontiguousarray(digests)
-            self._lib.row_cache_put(self._native, layer, digests.ctypes.data, n, slots.ctypes.data)
-            return slots
+            return self._native_slots(self._lib.row_cache_put, layer, digests)
+        slots = np.empty(len(digests), dtype=np.int64)
         entries = self._entries
         for i, key in enumerate(_keys(layer, digests)):
             slot = entries.get(key)

@@ -1,6 +1,6 @@
 // The expert-output cache's local tier, per layer step in one call each (router_service/cache.py):
 // the rows' key digests, the rows of a step that share a digest, and an LRU index from (layer, digest)
-// to the slab slot that holds the row. The same work in Python costs 3-6 us per row, most of a
+// to the slab slot that holds the row. The same work in Python costs 3-7 us per row, most of a
 // cached step's overhead (bench/RESULTS.md, "The expert cache's local tier in one call per step").
 //
 // A digest is xxh3-128 of a row's record (its input bytes, its expert ids as int32 and its gate weights
