@@ -10,7 +10,8 @@ Redis is optional and fail-open: a lookup that errors or times out, or a value n
 counts as an error and the row is computed as usual. After an error the cache stops asking Redis for
 a back-off period (doubling up to 5 s) so a dead or slow server costs at most one timeout per
 period, logs one warning per outage, and reconnects by itself. Writes go to Redis from a background
-thread, pipelined SETs with a TTL for what the steps queued meanwhile, off the critical path.
+thread, pipelined SETs with a TTL for what the steps queued meanwhile, off the critical path, on a
+connection of their own that waits longer than a lookup may.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 ENTRY_OVERHEAD = 120  # bytes per entry beyond its row: its index entry (≈ 44 native, ≈ 120 in Python)
 MAX_WRITE_KEYS = 4096  # values per write command, when queued steps are merged into one
 MAX_BACKOFF_S = 5.0  # a dead Redis costs one failed attempt per this period; a revived one is used again soon
+WRITE_TIMEOUT_S = 2.0  # the writer thread's socket timeout (lookups keep the configured, tight one)
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in as if written, its contents unchanged
 
 
@@ -238,6 +240,11 @@ class RedisCache:
 
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry_on_timeout=False)
+        # The writer is off the serving path and sends a step's values in one command (tens of MB for a long
+        # prefill in float32): it waits longer than a lookup may, or a large write would put lookups into
+        # the back-off of a Redis that is merely busy.
+        self.writer_client = redis.Redis.from_url(url, socket_timeout=max(timeout_s, WRITE_TIMEOUT_S),
+                                                  socket_connect_timeout=timeout_s, retry_on_timeout=False)
         self.url, self.ttl_s = url, ttl_s
         self.on_error = on_error
         self._down_until = 0.0
@@ -301,7 +308,7 @@ class RedisCache:
     def _write(self, keys: list[str], rows: np.ndarray) -> None:
         """Every row's SET with expiry, packed here (redis-py builds a command argument by argument in
         Python, on the GIL the engine thread needs) and sent with the server's replies off."""
-        pool = self.client.connection_pool
+        pool = self.writer_client.connection_pool
         connection = pool.get_connection()
         try:
             connection.send_packed_command([REPLIES_OFF, *set_commands(keys, rows, self.ttl_s), REPLIES_ON])
@@ -335,3 +342,4 @@ class RedisCache:
         self._writes.put(None)
         self._writer.join(2)
         self.client.close()
+        self.writer_client.close()

@@ -145,6 +145,23 @@ def test_writes_land_with_their_expiry_and_a_refused_one_costs_only_its_rows(ser
         cache.close()
 
 
+def test_a_write_to_a_busy_redis_waits_for_it_instead_of_failing_lookups(server):
+    """Lookups time out fast (fail-open); the writer, off the serving path, waits out a busy server, so a
+    large or delayed write never puts the lookups into their back-off."""
+    cache = RedisCache(server.url, ttl_s=60, timeout_s=0.05)
+    client = redis.Redis(port=server.port)
+    try:
+        client.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # writes wait 0.4 s, 8x the lookup timeout
+        keys = [f"moe:busy:{i}" for i in range(200)]
+        cache.put_rows(keys, np.full((200, 4096), 7, dtype=np.uint8))
+        cache.flush()
+        assert not cache._warned and cache.available  # the write waited; nothing counted as an outage
+        assert client.exists(*keys) == 200 and client.get(keys[0]) == bytes([7] * 4096)
+        assert cache.get_many(keys[:2]) == [bytes([7] * 4096)] * 2
+    finally:
+        cache.close()
+
+
 def test_redis_stopped_mid_run_then_restarted(parts, server):
     engine, cached, registry = router(parts, server.url)
     prompts = random_prompts(6, 256, seed=12)
