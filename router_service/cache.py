@@ -139,7 +139,8 @@ class LocalCache:
             keys = lookup_step(self._index, layer, x, ids, weights, start, stop)
             if not keys.held:
                 return keys, np.empty((0, self.width), dtype=np.uint8)
-            return keys, self._slab[keys.slots[keys.slots >= 0]]
+            held = keys.slots if keys.held == len(keys.slots) else keys.slots[keys.slots >= 0]
+            return keys, self._slab[held]
 
     def put_rows(self, layer: int, digests: np.ndarray, rows: np.ndarray) -> None:
         """Store row i of `rows` ([n, width] uint8) under (layer, digests[i]); the oldest entries make room."""

@@ -104,6 +104,8 @@ class CachedExperts(WrappedBackend):
         digests = keys.digests
         if not len(found) and not keys.repeats:  # the usual step without repeats: all computed, all written
             hit, misses, copies, writes = found, None, None, (np.arange(start, stop), digests)
+        elif len(found) == n and not keys.repeats:  # every row held (a repeat decoding alone): nothing to do
+            hit, misses, copies, writes = found, found[:0], None, (found[:0], digests[:0])
         else:
             # a repeated digest's first row looks it up (and computes it on a miss); the others copy it
             positions = np.arange(stop - start)
@@ -151,7 +153,8 @@ class CachedExperts(WrappedBackend):
         also hands over the rows of the later layers (to the local tier)."""
         started = time.perf_counter()
         keys, stored = self.local.lookup_step(call.layer, call.x, call.ids, call.weights, start, stop)
-        found = np.flatnonzero(keys.slots >= 0) if keys.held else np.empty(0, dtype=np.int64)
+        found = np.empty(0, dtype=np.int64) if not keys.held else \
+            np.arange(keys.held) if keys.held == stop - start else np.flatnonzero(keys.slots >= 0)
         asked = stop - start - keys.repeats
         self._count_result("local", "hit", keys.held)
         self._count_result("local", "miss", asked - keys.held)
