@@ -155,12 +155,12 @@ class CachedExperts(WrappedBackend):
         keys, stored = self.local.lookup_step(call.layer, call.x, call.ids, call.weights, start, stop)
         found = np.empty(0, dtype=np.int64) if not keys.held else \
             np.arange(keys.held) if keys.held == stop - start else np.flatnonzero(keys.slots >= 0)
-        asked = stop - start - keys.repeats
+        looked_up = stop - start - keys.repeats  # a repeated digest is looked up once
         self._count_result("local", "hit", keys.held)
-        self._count_result("local", "miss", asked - keys.held)
+        self._count_result("local", "miss", looked_up - keys.held)
         self._count_result("local", "shared", keys.repeats)
         self._observe("local", started)
-        if not ask_redis or keys.held == asked:
+        if not ask_redis or keys.held == looked_up:
             return keys, found, stored, None
         missing = keys.first == np.arange(stop - start)
         missing[found] = False
@@ -219,7 +219,7 @@ class CachedExperts(WrappedBackend):
         step = self._gathering.get(call.step_id) if self.redis is not None else None
         if step is None or call.layer not in self.moe_layers:
             return None
-        picked = digests if len(step.rows) == len(digests) and start == 0 else digests[step.rows - start]
+        picked = digests if len(step.rows) == len(digests) else digests[step.rows - start]
         return step, self.moe_layers.index(call.layer), picked
 
     def _finish(self, step: StepBundles) -> None:
@@ -294,9 +294,8 @@ class _Assembly:
         if not len(rows):
             return
         # row r of the step is row r of `computed` when all were computed, else its place among the misses
-        pick = (None if len(rows) == computed.shape[0] else rows) if self.misses is None \
-            else np.searchsorted(self.misses, rows)
-        if pick is not None and len(pick) == computed.shape[0]:  # every computed row, in order
+        pick = rows if self.misses is None else np.searchsorted(self.misses, rows)
+        if len(pick) == computed.shape[0]:  # every computed row, in order
             pick = None
         self.cache.local.put_output(self.call.layer, digests, computed, pick)
 
