@@ -30,11 +30,11 @@ from bench.workload import Request
 from moe_serve.ports import free_port
 
 
-def run_transformers(model_dir: Path, requests: list[Request], concurrency: int, dtype: torch.dtype
-                     ) -> tuple[list[Result], float]:
+def run_transformers(model_dir: Path, requests: list[Request], concurrency: int, dtype: torch.dtype,
+                     device: str = "cpu") -> tuple[list[Result], float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     results: list[Result] = []
     started = time.perf_counter()
     for i in range(0, len(requests), concurrency):
@@ -53,10 +53,13 @@ def _transformers_batch(model, batch: list[Request]) -> list[Result]:
 
     class Clock:  # records when each generated token's logits are ready
         def __call__(self, input_ids, scores):
+            if scores.is_cuda:  # kernels run ahead of the host: the logits are ready once they are done
+                torch.cuda.synchronize(scores.device)
             stamps.append(time.perf_counter())
             return scores
 
     new = max(r.max_tokens for r in batch)
+    ids, mask = ids.to(model.device), mask.to(model.device)
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,

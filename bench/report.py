@@ -190,7 +190,8 @@ def ratio_lines(report: dict, pairs: list[str]) -> list[str]:
 
 def render(report: dict, pairs: list[str]) -> str:
     head = (f"{report.get('preset') or report['model']}, {report['dtype']}, git {report['git']}, "
-            f"{report['machine']}, started {report['started']}, workload {json.dumps(report['workload'])}")
+            f"{report['machine']}, device {report.get('device', 'cpu')}, started {report['started']}, "
+            f"workload {json.dumps(report['workload'])}")
     tables = [runs_table(report), rss_table(report), cpu_table(report), steps_table(report), repeat_table(report),
               open_loop_table(report), spread_table(report)]
     return "\n".join([head, "", *(line for table in tables if table for line in [*table, ""]),

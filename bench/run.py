@@ -30,6 +30,8 @@ from bench.driver import percentiles, run_load, run_open_loop, summarize
 from bench.models import PRESETS, make_bench_model
 from bench.workload import Level, arrival_times, mixed_workload
 from moe_core.config import load_config
+from moe_core.dtypes import resolve_device
+from moe_core.errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", type=Path, help="placement file of the cluster-placement configuration")
     p.add_argument("--up-flag", action="append", default=[], help="extra flag for `moe-serve up` (repeatable)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the *-cache-redis configs")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto: where every configuration's services and transformers run")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list of configurations this many times, interleaved (A B A B), so each ratio "
                         "is measured side by side in every round and the report gives its spread")
@@ -146,7 +150,7 @@ def bench_external(name: str, model: Path, args, workloads: dict[Level, list]) -
                 print(f"transformers: no open-loop level ({level.short} skipped)", flush=True)
                 continue
             dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-            results, wall = run_transformers(model, requests, level.concurrency, dtype)
+            results, wall = run_transformers(model, requests, level.concurrency, dtype, resolve_device(args.device))
         else:
             context = max(len(r.prompt_ids) + r.max_tokens for r in requests) + 16
             # an open loop may have every request in flight: a slot for each, unless capped
@@ -213,7 +217,7 @@ def bench_config(name: str, model: Path, args, workloads: dict[Level, list]) -> 
     if name in EXTERNAL:
         return bench_external(name, model, args, workloads)
     run_dir = args.work_dir / "runs" / name.replace("@", "_").replace(",", "_")
-    extra = list(args.up_flag)
+    extra = ["--device", args.device, *args.up_flag]
     if parse_name(name)[0] == "cluster-placement":
         if not args.placement:
             raise SystemExit("the cluster-placement configuration needs --placement FILE")
@@ -259,11 +263,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--rounds must be at least 1")
     if args.choices < 1 or (args.choices > 1 and set(args.configs) & set(EXTERNAL)):
         raise SystemExit("--choices must be at least 1, and 1 with transformers or llama.cpp (no `n` there)")
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    if device != "cpu" and any(name.startswith("llamacpp") for name in args.configs):
+        raise SystemExit("llama.cpp is built here for the CPU: compare it with --device cpu")
     model = args.model or make_bench_model(args.preset, args.work_dir / "models" / args.preset)
     cfg = load_config(model)
     workloads = {level: level_workload(args, cfg.vocab_size, level) for level in levels(args)}
     report = {"preset": None if args.model else args.preset, "model": str(model), "dtype": args.dtype,
               "git": _revision(), "machine": f"{platform.machine()} {platform.processor()} cores={_cores()}",
+              "device": describe_device(device),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "workload": {
                   "requests": args.requests, "prompt_range": args.prompt_range, "output_range": args.output_range,
                   "repeat_fraction": args.repeat_fraction, "choices": args.choices, "seed": args.seed,
@@ -278,6 +289,11 @@ def run(args: argparse.Namespace) -> int:
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def describe_device(device: str) -> str:
+    """"cpu", or the accelerator's name: "cuda (NVIDIA H100 80GB HBM3)"."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
 
 
 def _cores() -> int:
@@ -313,7 +329,8 @@ def plot(report: dict, path: Path) -> None:
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
             axis.legend()
-    fig.suptitle(f"{report.get('preset') or report['model']} ({report['dtype']}, git {report['git']})")
+    on = "" if report.get("device", "cpu") == "cpu" else f", {report['device']}"
+    fig.suptitle(f"{report.get('preset') or report['model']} ({report['dtype']}{on}, git {report['git']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from bench.report import render
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_writes_complete_results(demo_model, tmp_path):
@@ -122,3 +128,35 @@ def test_bench_serves_a_planned_placement(demo_model, tmp_path):
     assert len(config["peak_rss_mib"]) == 4  # gateway, router, two experts
     missing = subprocess.run(common, capture_output=True, text=True, timeout=300, check=False)
     assert missing.returncode != 0 and "needs --placement FILE" in missing.stderr
+
+
+def test_device_check_script_runs_both_checks(demo_model, tmp_path):
+    """bench/device_check.sh, the GPU checks' one command on a lent machine, run here on the CPU at small sizes."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
+           "WORK_DIR": str(tmp_path / "work"), "REQUESTS": "4", "CONFIGS": "local transformers",
+           "ACCELERATOR_ARGS": "--dtype float32 --hidden 64 --ffn 96 --experts 4 --rows 1 8 --matmul-size 128 "
+                               "--copy-mib 1",
+           "BENCH_ARGS": f"--model {demo_model} --prompt-range 8 16 --output-range 4 8"}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "torch" in (out / "machine.txt").read_text()
+    accelerator = json.loads((out / "accelerator.json").read_text())
+    assert accelerator["device"] == "cpu" and len(accelerator["layers"]) == 4
+    report = json.loads((out / "bench.json").read_text())
+    assert report["device"] == "cpu" and [c["config"] for c in report["configs"]] == ["local", "transformers"]
+    assert all(run["output_tok_s"] > 0 for c in report["configs"] for run in c["runs"])
+    assert '{"config": "transformers", "level": "c=32"' in result.stdout  # the bench's lines, without its bars
+    assert "== " in (out / "services.log").read_text()  # the local configuration's `up` log, for a failed run
+
+
+def test_bench_refuses_a_device_this_machine_lacks(demo_model, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run([sys.executable, "-m", "moe_serve.cli", "bench", "--model", str(demo_model), "--device",
+                             "cuda", "--configs", "local", "--work-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "CUDA is not available" in result.stderr
