@@ -79,6 +79,10 @@ def decode_groups(block_tables: torch.Tensor, lengths: list[int], block_size: in
     the sorted lengths.
     """
     blocks = [-(-n // block_size) for n in lengths]
+    if block_tables.device.type != "cpu":
+        # The cost model above is a 2-core CPU's. On a GPU each extra call is a handful of kernel launches and
+        # the padded keys cost next to nothing: one call for the step (a guess, not yet measured on one).
+        return [_group(block_tables, lengths, None, max(blocks, default=0), block_size)]
     order = sorted(range(len(lengths)), key=blocks.__getitem__)
     sorted_blocks = [blocks[i] for i in order]
     call = (GROUP_CALL_BYTES if call_bytes is None else call_bytes) / (key_row_bytes * block_size)  # in blocks
@@ -204,8 +208,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
         allowed = k_pos <= q_pos
         if window is not None:
             allowed &= k_pos > q_pos - window
-        o = F.scaled_dot_product_attention(rows.transpose(0, 1)[None], keys[:, :, :hi], values[:, :, :hi],
-                                           attn_mask=allowed, scale=scale, enable_gqa=True)
+        o = _masked_sdpa(rows.transpose(0, 1)[None], keys[:, :, :hi], values[:, :, :hi], allowed, scale)
         out[first - start:last - start] = o[0, :, first - lo:last - lo].transpose(0, 1)
     return out
 
@@ -231,5 +234,17 @@ def _prefill_one_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
         allowed = k_pos <= q_pos
         if window is not None:
             allowed &= k_pos > q_pos - window
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale, enable_gqa=True)
+        out = _masked_sdpa(qh, kh, vh, allowed, scale)
     return out[0].transpose(0, 1)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                 repeat_kv: bool | None = None) -> torch.Tensor:
+    """SDPA with a mask, where k and v may have fewer heads than q. On CUDA, grouped heads run only in the flash
+    and math kernels and flash takes no mask, so the math kernel would run (a float32 score tensor per head):
+    there the KV heads are repeated instead, which the memory-efficient kernel takes with a mask."""
+    if (q.device.type != "cpu" if repeat_kv is None else repeat_kv) and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)

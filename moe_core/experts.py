@@ -67,7 +67,7 @@ def _unknown(experts: LayerExperts, ids: list[int]) -> UnknownExpertError:
 
 def _group_small(experts: LayerExperts, ids: torch.Tensor, weights: torch.Tensor):
     k = ids.shape[1]
-    local_of = experts.local_of.tolist()
+    local_of = experts.local_list
     flat_ids, flat_w = ids.reshape(-1).tolist(), weights.reshape(-1)
     groups: list[list[int]] = [[] for _ in experts.expert_ids]  # pair positions per local expert
     missing = []

@@ -68,8 +68,10 @@ class LayerExperts:
     down: list[Linear]  # per local expert: [H, I]
     local_of: torch.Tensor  # [num_experts] int64: local index, or -1 where not held here
     kernel: bf16_gemm.LayerKernel | None = field(init=False)  # all of them in one native call, where it runs
+    local_list: list[int] = field(init=False)  # local_of as Python ints: reading it on a GPU would sync every layer
 
     def __post_init__(self) -> None:
+        self.local_list = self.local_of.tolist()
         on_cpu = self.local_of.device.type == "cpu"
         self.kernel = bf16_gemm.layer_kernel(self.gate_up, self.down, self.local_of) if on_cpu else None
 

@@ -108,6 +108,9 @@ class _PartMap:
         return table, torch.tensor([len(h) for h in holders], dtype=torch.int64)
 
     def split(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Part]:
+        # The tables are on the CPU, and so is every part: it goes on the wire from there. A router on a GPU
+        # copies the step's routing here once (torch refuses a CPU table indexed by CUDA ids).
+        ids, weights = ids.cpu(), weights.cpu()
         if layer in self.sole:
             return [Part(self.shards[self.sole[layer]], torch.arange(ids.shape[0]), ids.to(torch.int32),
                          weights.float())]

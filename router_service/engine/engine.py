@@ -279,18 +279,27 @@ class _ExpertClock:
         self.experts, self.seconds = experts, 0.0
 
     def __call__(self, call: ExpertCall) -> torch.Tensor:
-        started = time.perf_counter()
+        started = _settled(call.x)
         try:
             return self.experts(call)
         finally:
             self.seconds += time.perf_counter() - started
 
     def submit(self, call: ExpertCall) -> _TimedHandle:
-        started = time.perf_counter()
+        started = _settled(call.x)
         try:
             return _TimedHandle(self.experts.submit(call), self)
         finally:
             self.seconds += time.perf_counter() - started
+
+
+def _settled(x: torch.Tensor) -> float:
+    """The time once the work queued before the experts is done. On a GPU the experts' first read of their
+    routing waits for it (the attention before them, say), which would otherwise count as expert time; the
+    experts wait for it anyway, so the clock's own wait costs one synchronisation."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 class _TimedHandle:

@@ -121,3 +121,34 @@ def test_bfloat16_decode_computes_in_bfloat16_only_where_the_cpu_has_amx(monkeyp
     assert decode_dtype(torch.zeros(1, dtype=torch.bfloat16)) == expected
     assert decode_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
     assert decode_dtype(torch.zeros(1)) == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_prefill_with_kv_heads_repeated_matches_grouped_heads(dtype):
+    """The CUDA path of masked prefill attention (KV heads repeated, so a fused kernel takes the mask) gives
+    what grouped heads give: run here on the CPU by asking for it."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 20, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 50, 16, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.arange(50)[None, :] <= torch.arange(30, 50)[:, None]
+    grouped = attention._masked_sdpa(q, k, v, allowed, 0.25, repeat_kv=False)
+    repeated = attention._masked_sdpa(q, k, v, allowed, 0.25, repeat_kv=True)
+    torch.testing.assert_close(repeated, grouped, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert not torch.equal(grouped, attention._masked_sdpa(q, k, v, ~allowed | allowed, 0.25, repeat_kv=False))
+
+
+def test_decode_rows_on_an_accelerator_run_as_one_group(monkeypatch):
+    """The length groups' cost model is a CPU's; elsewhere a step's decode rows go in one call."""
+    tables, lengths = torch.arange(40).view(4, 10), [10, 150, 20, 155]
+    assert len(decode_groups(tables, lengths, 16, 1024, call_bytes=1)) > 1  # on the CPU: cut by length
+
+    class Elsewhere:
+        type = "cuda"
+
+    class OnAccelerator(torch.Tensor):
+        @property
+        def device(self):
+            return Elsewhere()
+
+    monkeypatch.setattr(attention, "_group", lambda tables, lengths, members, blocks, size: (members, blocks))
+    assert decode_groups(tables.as_subclass(OnAccelerator), lengths, 16, 1024, call_bytes=1) == [(None, 10)]
