@@ -38,8 +38,8 @@ status=0
 # The bench is bounded so that its log and the servers' logs still come back when it overruns.
 timeout "$bench_limit_s" "$python" -m moe_serve.cli bench --preset "$preset" --device "$device" --dtype bfloat16 \
     --configs ${CONFIGS:-local cluster-2 transformers} --concurrency 1 32 --requests "$requests" \
-    ${BENCH_ARGS:-} --work-dir "$work/bench" --out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -a -o -E "\{\"config.*|wrote .*|Error.*|error.*" \
-    || status=1
+    ${BENCH_ARGS:-} --work-dir "$work/bench" --out "$out/bench.json" 2>&1 | tee "$out/bench.log" \
+    | grep -a -o -E '\{"config.*|wrote .*|Error.*|error.*' || status=1
 for log in "$work"/bench/runs/*/up.log; do
     [ -f "$log" ] && { echo "== $log"; tail -n 40 "$log"; }
 done > "$out/services.log" 2>&1
