@@ -210,6 +210,24 @@ def test_prefill_only_cache_still_dispatches_decode_rows(parts):
     assert tokens(second) == tokens(first)
 
 
+def test_decode_only_cache_dispatches_prompt_rows_and_skips_a_repeats_decode_rows(parts):
+    """`--cache-phases decode`, for one router beside the prefix cache: prompt rows never touch the cache (no key,
+    no lookup, no store), and a repeat's decode rows still hit, since prefill stays chunk-invariant."""
+    engine, cached = make(parts, phases="decode")
+    assert cached.invariant_phases == {"prefill", "decode"}
+    prompt = random_prompts(1, 256, seed=8)[0]
+    moe_layers = len(parts[0].cfg.moe_layers)
+    first = run(engine, prompt)
+    assert cached.dispatched_rows == (len(prompt) + PARAMS.max_tokens - 1) * moe_layers
+    assert len(cached.local) == (PARAMS.max_tokens - 1) * moe_layers  # decode rows alone were stored
+    before, reused = cached.dispatched_rows, engine.scheduler.prefix_hit_tokens
+    second = run(engine, prompt)
+    reused = engine.scheduler.prefix_hit_tokens - reused  # prompt tokens the prefix cache served
+    assert 0 < reused < len(prompt)
+    assert cached.dispatched_rows - before == (len(prompt) - reused) * moe_layers  # the rest again, no decode row
+    assert tokens(second) == tokens(first) and logprobs(second) == logprobs(first)
+
+
 def test_byte_bound_holds_under_load(parts):
     engine, cached = make(parts, local_bytes=40_000)
     results = drain(engine, {0: [(p, PARAMS) for p in random_prompts(12, 256, seed=5)]})
