@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.models import PRESETS
-from moe_core.dtypes import DTYPES, resolve_device
+from moe_core.dtypes import DTYPES, describe_device, resolve_device
 from moe_core.experts import expert_forward
 from moe_core.linear import Linear
 from moe_core.weights import LayerExperts
@@ -114,10 +114,6 @@ def calls_for(seconds_hint: float, budget_s: float = 0.25) -> int:
     return max(3, min(200, int(budget_s / max(seconds_hint, 1e-6))))
 
 
-def device_name(device: str) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
-
-
 def run(args: argparse.Namespace) -> dict:
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     preset = PRESETS[args.preset]
@@ -138,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
             layers.append(measure_layer(experts, rows, shape, dtype, device, calls_for(probe["ms"] / 1e3), peak,
                                         copy_gbs))
         del experts
-    return {"device": device_name(device), "dtype": args.dtype, "preset": args.preset, "shape": shape,
+    return {"device": describe_device(device), "dtype": args.dtype, "preset": args.preset, "shape": shape,
             "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "matmul": {"size": args.matmul_size, "tflops": _sig(peak)}, "copy_gbs": _sig(copy_gbs),
             "layers": layers}

@@ -30,7 +30,7 @@ from bench.driver import percentiles, run_load, run_open_loop, summarize
 from bench.models import PRESETS, make_bench_model
 from bench.workload import Level, arrival_times, mixed_workload
 from moe_core.config import load_config
-from moe_core.dtypes import resolve_device
+from moe_core.dtypes import describe_device, resolve_device
 from moe_core.errors import ConfigError
 
 
@@ -289,11 +289,6 @@ def run(args: argparse.Namespace) -> int:
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
-
-
-def describe_device(device: str) -> str:
-    """"cpu", or the accelerator's name: "cuda (NVIDIA H100 80GB HBM3)"."""
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
 
 
 def _cores() -> int:

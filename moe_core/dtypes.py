@@ -53,3 +53,8 @@ def resolve_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda"):
         raise ConfigError(f"unknown device '{name}'; choose cpu, cuda, cuda:N or auto")
     return name
+
+
+def describe_device(device: str) -> str:
+    """"cpu", or the accelerator with its name: "cuda (NVIDIA H100 80GB HBM3)"."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import accelerator
-from bench.run import describe_device
+from moe_core.dtypes import describe_device
 
 
 def test_reports_every_row_count_for_both_holdings_against_the_measured_peak(tmp_path, capsys):
